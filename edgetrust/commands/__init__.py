@@ -1,0 +1,1 @@
+"""Click command groups of the ``edgetrust`` command, one module each."""
