@@ -1,0 +1,1 @@
+"""Helpers that tests share: real swtpm processes, EK certificate authorities, servers."""
