@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import click
 
+from edgetrust import __version__
 from edgetrust.commands.evidence import evidence_group
+from edgetrust.commands.server import db_group, serve_command
 
 
 @click.group()
+@click.version_option(__version__, prog_name="edgetrust")
 def main() -> None:
     """edgetrust: remote attestation for edge-AI fleets."""
 
 
+main.add_command(serve_command)
+main.add_command(db_group)
 main.add_command(evidence_group)

@@ -1,0 +1,48 @@
+"""Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from sqlalchemy import Engine
+
+from edgetrust import __version__
+from edgetrust.context import AppServices
+from edgetrust.db import make_engine, make_session_factory
+from edgetrust.settings import Settings
+from edgetrust.web import register_error_handlers
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None) -> Flask:
+    """Build the app. The caller checks the schema first (the ``serve`` command does)."""
+    engine = engine or make_engine(settings.effective_database_url)
+    app = Flask("edgetrust")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined] # DefaultJSONProvider has it
+
+    services = AppServices(settings=settings, engine=engine,
+                           sessions=make_session_factory(engine))
+    app.extensions["edgetrust"] = services
+
+    domain_errors: list[type[Exception]] = []
+    for install in _installers():
+        domain_errors.extend(install(app, services))
+    register_error_handlers(app, tuple(domain_errors))
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "ok", "version": __version__})
+
+    return app
+
+
+def _installers() -> list:  # type: ignore[type-arg] # callables of (Flask, AppServices)
+    """Return each package's ``install(app, services) -> domain error classes`` function."""
+    from registrar.api import install as install_registrar
+
+    return [install_registrar]

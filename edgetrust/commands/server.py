@@ -1,0 +1,106 @@
+"""``edgetrust serve`` and ``edgetrust db``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from edgetrust.commands.common import config_option, settings_from
+from edgetrust.db import (
+    SchemaError,
+    check_schema,
+    current_revision,
+    head_revision,
+    is_new_sqlite_database,
+    make_engine,
+    upgrade,
+)
+
+log = logging.getLogger(__name__)
+
+
+@click.command("serve")
+@config_option
+@click.option("--host", help="Address to bind to (setting listen_host).")
+@click.option("--port", type=int, help="TCP port (setting listen_port).")
+def serve_command(config_file: Path | None, host: str | None, port: int | None) -> None:
+    """Run the server: registrar, verifier and trust APIs."""
+    settings = settings_from(config_file, listen_host=host, listen_port=port)
+    engine = make_engine(settings.effective_database_url)
+    prepare_database(engine)
+
+    from edgetrust.app import create_app
+
+    app = create_app(settings, engine=engine)
+    log.info("serving on http://%s:%d with database %s", settings.listen_host,
+             settings.listen_port, engine.url.render_as_string(hide_password=True))
+    run_gunicorn(app, settings.listen_host, settings.listen_port,
+                 settings.server_workers, settings.server_threads)
+
+
+def prepare_database(engine: Engine) -> None:
+    """Refuse to run on a database that is not at the newest revision. A SQLite database with
+    no tables at all (the embedded default on first start) is created at the newest revision,
+    because there is nothing in it to upgrade."""
+    try:
+        if is_new_sqlite_database(engine):
+            log.info("creating the embedded database %s", engine.url.database)
+            upgrade(engine)
+        check_schema(engine)
+    except SchemaError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except SQLAlchemyError as exc:
+        url = engine.url.render_as_string(hide_password=True)
+        raise click.ClickException(f"cannot open the database {url}: {exc.__class__.__name__}: "
+                                   f"{exc.args[0] if exc.args else exc}") from exc
+
+
+def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    class _Application(BaseApplication):  # type: ignore[misc] # gunicorn ships no type hints
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("accesslog", None)
+            self.cfg.set("timeout", 60)
+
+        def load(self) -> Any:
+            return app
+
+    _Application().run()
+
+
+@click.group("db")
+def db_group() -> None:
+    """Manage the database schema."""
+
+
+@db_group.command("upgrade")
+@config_option
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade_command(config_file: Path | None, revision: str) -> None:
+    """Apply schema migrations to the configured database."""
+    settings = settings_from(config_file)
+    engine = make_engine(settings.effective_database_url)
+    before = current_revision(engine)
+    upgrade(engine, revision)
+    after = current_revision(engine)
+    click.echo(f"database {engine.url.render_as_string(hide_password=True)}: "
+               f"{before or 'empty'} -> {after}")
+
+
+@db_group.command("status")
+@config_option
+def db_status_command(config_file: Path | None) -> None:
+    """Show the database's schema revision and the newest one this release has."""
+    settings = settings_from(config_file)
+    engine = make_engine(settings.effective_database_url)
+    click.echo(f"current: {current_revision(engine) or 'none'}\nnewest:  {head_revision()}")

@@ -1,0 +1,10 @@
+"""Imports every package's SQLAlchemy models, so that Base.metadata is complete.
+
+Alembic's environment and the schema tests import this module; add each new models module here.
+"""
+
+from __future__ import annotations
+
+from edgetrust.db import Base
+
+__all__ = ["Base"]

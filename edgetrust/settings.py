@@ -1,0 +1,208 @@
+"""Settings: defaults, then a TOML file, then ``EDGETRUST_*`` environment variables.
+
+Every setting is a field of :class:`Settings` with its default and a help text; docs/configuration.md
+lists them all (a test keeps the two in line). Keys are flat: the TOML key ``agent_tcti`` is the
+environment variable ``EDGETRUST_AGENT_TCTI``. Lists are TOML arrays or comma-separated in the
+environment; booleans are ``true``/``false``, ``1``/``0``, ``yes``/``no`` in the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "EDGETRUST_"
+CONFIG_ENV = "EDGETRUST_CONFIG"
+
+
+class SettingsError(Exception):
+    """A configuration value that cannot be used; the message names the key and the fix."""
+
+    code = "invalid-settings"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "edgetrust"
+
+
+def _setting(default: Any, help: str) -> Any:  # noqa: A002 - the dataclass metadata key is "help"
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Storage
+    data_dir: Path = field(
+        default_factory=_default_data_dir,
+        metadata={"help": "Directory for the embedded database and generated files "
+                  "(default: $XDG_DATA_HOME/edgetrust or ~/.local/share/edgetrust)."},
+    )
+    database_url: str = _setting(
+        "", "SQLAlchemy database URL; empty means the SQLite file <data_dir>/edgetrust.db. "
+        "PostgreSQL: postgresql+psycopg://user@host:port/dbname.")
+
+    # Server
+    listen_host: str = _setting("127.0.0.1", "Address the server binds to.")
+    listen_port: int = _setting(8890, "TCP port of the server (registrar, verifier and trust APIs).")
+    server_workers: int = _setting(1, "gunicorn worker processes; keep 1 with SQLite.")
+    server_threads: int = _setting(8, "Threads per gunicorn worker.")
+    log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+
+    # Registrar
+    ek_ca_dir: Path | None = _setting(
+        None, "Directory of PEM files (roots and intermediates) that EK certificates must chain "
+        "to (default: <data_dir>/ek-ca).")
+    require_ek_certificate: bool = _setting(
+        True, "Reject registrations that carry no EK certificate. Set false only for TPMs "
+        "without one, such as some firmware TPMs.")
+    ak_allowed_algorithms: list[str] = _setting(
+        ["rsassa-sha256", "rsapss-sha256", "ecdsa-sha256", "rsassa-sha384", "rsapss-sha384",
+         "ecdsa-sha384", "rsassa-sha512", "rsapss-sha512", "ecdsa-sha512"],
+        "Signing schemes an AK may use, as <scheme>-<hash>.")
+
+    # Device agent
+    agent_uuid: str = _setting("", "The device's agent uuid; empty means one is generated on "
+                               "first start and kept in <agent_state_dir>.")
+    agent_tcti: str = _setting("device:/dev/tpmrm0", "TPM connection (TCTI), for example "
+                               "swtpm:host=127.0.0.1,port=2321.")
+    agent_state_dir: Path | None = _setting(
+        None, "Directory where the agent keeps its uuid and AK (default: <data_dir>/agent).")
+    agent_registrar_url: str = _setting("http://127.0.0.1:8890", "Base URL of the registrar.")
+    agent_ek_type: str = _setting("rsa", "EK algorithm: rsa (RSA-2048) or ecc (NIST P-256).")
+    agent_ak_type: str = _setting("ecc", "AK key type: rsa (RSASSA-SHA256) or ecc (ECDSA-SHA256 "
+                                  "on NIST P-256).")
+    agent_contact_host: str = _setting("127.0.0.1", "Address the agent reports to the registrar "
+                                       "and serves its API on.")
+    agent_contact_port: int = _setting(9002, "TCP port the agent reports and serves its API on.")
+    agent_retry_initial: float = _setting(1.0, "First delay, in seconds, before retrying an "
+                                          "unreachable registrar; doubles up to agent_retry_max.")
+    agent_retry_max: float = _setting(60.0, "Longest delay, in seconds, between retries.")
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'edgetrust.db'}"
+
+    @property
+    def effective_ek_ca_dir(self) -> Path:
+        return self.ek_ca_dir or self.data_dir / "ek-ca"
+
+    @property
+    def effective_agent_state_dir(self) -> Path:
+        return self.agent_state_dir or self.data_dir / "agent"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def setting_fields() -> list[dataclasses.Field[Any]]:
+    return list(dataclasses.fields(Settings))
+
+
+def load_settings(
+    config_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build settings from the defaults, ``config_file`` (or $EDGETRUST_CONFIG) and ``environ``."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    path = config_file or (Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None)
+    if path is not None:
+        values.update(_read_toml(path))
+
+    for f in setting_fields():
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = _from_env(f, raw)
+
+    converted = {name: _convert(name, value) for name, value in values.items()}
+    return Settings(**converted)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"configuration file {path} is not valid TOML: {exc}") from exc
+
+    known = {f.name for f in setting_fields()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(
+            f"configuration file {path} has unknown key(s) {', '.join(unknown)}; "
+            "see docs/configuration.md for the valid keys"
+        )
+    return data
+
+
+def _field_type(name: str) -> Any:
+    hints = typing.get_type_hints(Settings)
+    hint = hints[name]
+    if isinstance(hint, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def _from_env(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = _field_type(f.name)
+    if typing.get_origin(kind) is list:
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(
+            f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a boolean; use true or false"
+        )
+    return raw
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = _field_type(name)
+    env_name = ENV_PREFIX + name.upper()
+    try:
+        if kind is Path:
+            return None if value in ("", None) else Path(value).expanduser()
+        if kind is int and not isinstance(value, bool):
+            return int(value)
+        if kind is float:
+            return float(value)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if typing.get_origin(kind) is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return value
+        if kind is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"setting {name} ({env_name}) has invalid value {value!r}; expected {_type_name(kind)}"
+        ) from None
+    return value
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", Path: "a path",
+            str: "a string"}.get(kind, str(kind))

@@ -1,0 +1,1 @@
+"""Alembic environment and the one chain of schema revisions."""
