@@ -23,7 +23,8 @@ python3 -m venv "$venv"
     requests pyasn1 pyasn1-modules lark packaging pyzmq jsonschema psutil jinja2
 # keylime.signing imports gpg; PyPI's gpg does not import on Python 3, Debian's does.
 site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-gpg_dir=$(dpkg -L python3-gpg | grep -m1 'dist-packages/gpg$')
+gpg_dir=$(dpkg -L python3-gpg | grep 'dist-packages/gpg$' | head -n 1 || true)
+[ -n "$gpg_dir" ] || { echo "python3-gpg installs no gpg package directory" >&2; exit 1; }
 ln -sfn "$gpg_dir" "$site/gpg"
 
 "$venv/bin/python" -c "import keylime.ima.ima, keylime.tpm.tpm_util" 2>/dev/null
