@@ -28,8 +28,9 @@ class SettingsError(Exception):
     code = "invalid-settings"
 
 
-def _default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def _default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "edgetrust"
 
 
@@ -125,6 +126,7 @@ def load_settings(
             values[f.name] = _from_env(f, raw)
 
     converted = {name: _convert(name, value) for name, value in values.items()}
+    converted.setdefault("data_dir", _default_data_dir(environ))
     return Settings(**converted)
 
 

@@ -105,7 +105,8 @@ def register_error_handlers(app: Flask, domain_errors: tuple[type[Exception], ..
     def _request_error(error: RequestError) -> Response:
         return error_response(status_for(error), error.code, error.message, error.field)
 
-    for error_class in (EvidenceError, *domain_errors):
+    error_classes: tuple[type[Exception], ...] = (EvidenceError, *domain_errors)
+    for error_class in error_classes:
         app.register_error_handler(error_class, _domain_error)
 
     @app.errorhandler(HTTPException)

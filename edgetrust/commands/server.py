@@ -63,7 +63,7 @@ def prepare_database(engine: Engine) -> None:
 def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> None:
     from gunicorn.app.base import BaseApplication
 
-    class _Application(BaseApplication):  # type: ignore[misc] # gunicorn ships no type hints
+    class _Application(BaseApplication):
         def load_config(self) -> None:
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", workers)
