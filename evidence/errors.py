@@ -37,3 +37,10 @@ class VerificationError(EvidenceError):
     """Well-formed input that fails a cryptographic or consistency check."""
 
     default_code = "verification-failed"
+
+
+class TrustStoreError(EvidenceError):
+    """A configured CA bundle that cannot be used: a missing directory, a file without PEM
+    certificates, or a certificate that cannot be parsed. The message names the file."""
+
+    default_code = "trust-store-invalid"
