@@ -6,5 +6,6 @@ Alembic's environment and the schema tests import this module; add each new mode
 from __future__ import annotations
 
 from edgetrust.db import Base
+from registrar import models as registrar_models  # noqa: F401 - registers its tables
 
 __all__ = ["Base"]
