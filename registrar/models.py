@@ -19,7 +19,7 @@ class RegisteredDevice(Base):
     The identity (``ek_tpm``, ``ekcert``, ``aik_tpm``) never changes in place: a registration
     with another identity is rejected, and an operator deletes the row to enroll the device
     again. Contact details from a registration wait in the ``pending_*`` columns until the
-    device answers that registration's credential challenge, so a request that only repeats
+    device completes that registration's credential challenge, so a request that only repeats
     public keys cannot redirect the verifier to another address.
     """
 
@@ -66,10 +66,10 @@ class RegisteredDevice(Base):
 
     # Number of accepted registrations, this one included.
     regcount: Mapped[int] = mapped_column(Integer)
-    # True once the device answered a credential challenge, which proves that the AK lives
+    # True once the device completed a credential challenge, which proves that the AK lives
     # in the TPM that holds the EK.
     active: Mapped[bool]
-    # The random secret wrapped by MakeCredential, until the device answers or the
+    # The random secret wrapped by MakeCredential, until the device activates it or the
     # challenge is voided. Cleared on activation: it must not outlive its use.
     challenge_secret: Mapped[bytes | None] = mapped_column(LargeBinary)
     challenge_issued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
