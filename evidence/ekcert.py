@@ -882,7 +882,7 @@ def parse_certificate(der: bytes) -> ParsedCertificate:
         not_before=not_before,
         not_after=not_after,
         extensions=extensions,
-        certificate=_load_with_cryptography(der),
+        certificate=_load_with_cryptography(der) if serial_number > 0 else None,
     )
 
 
@@ -904,13 +904,19 @@ def _parse_validity(element: _Tlv) -> tuple[dt.datetime, dt.datetime]:
 
 
 def _load_with_cryptography(der: bytes) -> x509.Certificate | None:
-    """Return the ``cryptography`` certificate, or None if its strict DER parser rejects it."""
+    """Return the ``cryptography`` certificate, or None if its strict DER parser rejects it.
+
+    Callers skip certificates with a serial number below 1, for which ``cryptography`` 50 warns
+    that a future release will raise.
+    """
     try:
         certificate = x509.load_der_x509_certificate(der)
         # Loading is partly lazy; reading the names makes the strict parser see them.
         certificate.issuer  # noqa: B018 - forces parsing, the value is not needed
         certificate.subject  # noqa: B018 - forces parsing, the value is not needed
-    except ValueError:
+    except (ValueError, TypeError):
+        # cryptography 50 raises TypeError for some attribute type and value combinations,
+        # such as a BIT STRING value under an OID other than x500UniqueIdentifier.
         return None
     return certificate
 
@@ -1017,7 +1023,8 @@ def verify_ek_certificate(
     Steps, each raising ``VerificationError`` with the code in brackets:
 
     1. Every critical extension of the EK certificate is one this module processes
-       [ek-certificate-extension-unsupported].
+       [ek-certificate-extension-unsupported], and the certificate is not a CA certificate
+       [ek-certificate-untrusted].
     2. The certificate's public key equals ``ek_public_key`` [ek-certificate-key-mismatch].
     3. ``at`` (default: now) lies in the certificate's validity period
        [ek-certificate-expired, ek-certificate-not-yet-valid].
@@ -1035,6 +1042,11 @@ def verify_ek_certificate(
     unhandled = cert.extensions.unhandled_critical()
     if unhandled:
         raise _extension_unsupported("EK " + cert.describe(), unhandled)
+    if cert.extensions.is_ca:
+        raise VerificationError(
+            f"EK {cert.describe()} has basicConstraints cA true, expected an end-entity certificate",
+            code=CODE_UNTRUSTED,
+        )
 
     if not _same_public_key(cert.public_key, ek_public_key):
         raise VerificationError(
@@ -1140,7 +1152,7 @@ def _check_link(
 
     if issuer.extensions.is_ca is not True:
         raise VerificationError(
-            f"CA {issuer.describe()} issued {child.describe()} but is not a CA: "
+            f"issuer {issuer.describe()} of {child.describe()} is not a CA: "
             "basicConstraints cA is absent or false, expected true",
             code=CODE_UNTRUSTED,
         )
