@@ -28,11 +28,12 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -116,6 +117,9 @@ class TpmAlg(enum.IntEnum):
     CBC = 0x0042
     CFB = 0x0043
     ECB = 0x0044
+
+
+_ALGS_BY_VALUE: Final = {int(member): member for member in TpmAlg}
 
 
 class EccCurve(enum.IntEnum):
@@ -234,10 +238,58 @@ def _hash_info(alg: int, where: str) -> _HashInfo:
 
 
 def _alg_text(alg: int) -> str:
-    try:
-        return f"{TpmAlg(alg).name.lower()} (0x{alg:04x})"
-    except ValueError:
-        return f"0x{alg:04x}"
+    member = _ALGS_BY_VALUE.get(alg)
+    return f"0x{alg:04x}" if member is None else f"{member.name.lower()} (0x{alg:04x})"
+
+
+def _truncated(structure: str, name: str, size: int, offset: int, available: int) -> ParseError:
+    return ParseError(
+        f"{structure}.{name}: truncated: needs {size} bytes at offset {offset}, "
+        f"got {max(available, 0)}",
+        code="structure-truncated",
+        field=name,
+    )
+
+
+def _trailing(structure: str, offset: int, size: int) -> ParseError:
+    return ParseError(
+        f"{structure}: {size - offset} trailing bytes after offset {offset}",
+        code="trailing-bytes",
+    )
+
+
+def _algorithm_error(structure: str, name: str, value: int) -> ParseError:
+    if value in _ALGS_BY_VALUE:
+        return ParseError(
+            f"{structure}.{name}: algorithm {_alg_text(value)} is not supported here",
+            code="algorithm-unsupported",
+            field=name,
+        )
+    return ParseError(
+        f"{structure}.{name}: unknown algorithm 0x{value:04x}",
+        code="algorithm-unknown",
+        field=name,
+    )
+
+
+def _tpm2b_at(
+    data: bytes, offset: int, structure: str, name: str, maximum: int
+) -> tuple[bytes, int]:
+    """Read the TPM2B at ``offset``; return its buffer and the offset after it."""
+    start = offset + 2
+    if start > len(data):
+        raise _truncated(structure, f"{name}.size", 2, offset, len(data) - offset)
+    size = data[offset] << 8 | data[offset + 1]
+    if size > maximum:
+        raise ParseError(
+            f"{structure}.{name}: size {size} exceeds the maximum {maximum}",
+            code="size-invalid",
+            field=name,
+        )
+    end = start + size
+    if end > len(data):
+        raise _truncated(structure, name, size, start, len(data) - start)
+    return data[start:end], end
 
 
 class _Reader:
@@ -253,12 +305,7 @@ class _Reader:
     def take(self, size: int, name: str) -> bytes:
         end = self.offset + size
         if end > len(self.data):
-            raise ParseError(
-                f"{self.structure}.{name}: truncated: needs {size} bytes at offset "
-                f"{self.offset}, got {len(self.data) - self.offset}",
-                code="structure-truncated",
-                field=name,
-            )
+            raise _truncated(self.structure, name, size, self.offset, len(self.data) - self.offset)
         chunk = self.data[self.offset : end]
         self.offset = end
         return chunk
@@ -272,47 +319,22 @@ class _Reader:
     def u32(self, name: str) -> int:
         return int.from_bytes(self.take(4, name), "big")
 
-    def u64(self, name: str) -> int:
-        return int.from_bytes(self.take(8, name), "big")
-
     def tpm2b(self, name: str, maximum: int) -> bytes:
-        size = self.u16(f"{name}.size")
-        if size > maximum:
-            raise ParseError(
-                f"{self.structure}.{name}: size {size} exceeds the maximum {maximum}",
-                code="size-invalid",
-                field=name,
-            )
-        return self.take(size, name)
+        chunk, self.offset = _tpm2b_at(self.data, self.offset, self.structure, name, maximum)
+        return chunk
 
     def alg(self, name: str, allowed: Iterable[int]) -> TpmAlg:
         value = self.u16(name)
-        try:
-            alg = TpmAlg(value)
-        except ValueError:
-            raise ParseError(
-                f"{self.structure}.{name}: unknown algorithm 0x{value:04x}",
-                code="algorithm-unknown",
-                field=name,
-            ) from None
-        if alg not in allowed:
-            raise ParseError(
-                f"{self.structure}.{name}: algorithm {_alg_text(alg)} is not supported here",
-                code="algorithm-unsupported",
-                field=name,
-            )
-        return alg
+        if value not in allowed:
+            raise _algorithm_error(self.structure, name, value)
+        return _ALGS_BY_VALUE[value]
 
     def hash_alg(self, name: str) -> TpmAlg:
         return self.alg(name, _HASHES)
 
     def finish(self) -> None:
         if self.offset != len(self.data):
-            raise ParseError(
-                f"{self.structure}: {len(self.data) - self.offset} trailing bytes after "
-                f"offset {self.offset}",
-                code="trailing-bytes",
-            )
+            raise _trailing(self.structure, self.offset, len(self.data))
 
 
 # --- TPMT_PUBLIC -------------------------------------------------------------------------
@@ -602,7 +624,7 @@ def _attributes_text(attributes: ObjectAttributes) -> str:
 # --- TPML_PCR_SELECTION ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PcrBank:
     """One TPMS_PCR_SELECTION: a PCR bank and the ascending PCR indexes selected in it."""
 
@@ -611,7 +633,7 @@ class PcrBank:
     size_of_select: int = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PcrSelection:
     """A TPML_PCR_SELECTION in the order the TPM reported its banks."""
 
@@ -733,8 +755,7 @@ def _reject_duplicate_banks(banks: list[PcrBank], structure: str) -> None:
 # --- TPMS_ATTEST -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ClockInfo:
+class ClockInfo(NamedTuple):
     """TPMS_CLOCK_INFO: milliseconds the TPM has run, boot and resume counters, and ``safe``."""
 
     clock: int
@@ -743,11 +764,11 @@ class ClockInfo:
     safe: bool
 
 
-@dataclass(frozen=True)
-class Attest:
+class Attest(NamedTuple):
     """A TPMS_ATTEST of type TPM_ST_ATTEST_QUOTE, with the TPMS_QUOTE_INFO it carries.
 
     ``magic`` is kept as read; checking it against TPM_GENERATED_VALUE is verification.
+    Parsed values are named tuples because a verifier builds several per quote.
     """
 
     magic: int
@@ -760,58 +781,87 @@ class Attest:
     pcr_digest: bytes
 
 
+_ATTEST_HEADER: Final = struct.Struct(">IH")
+_CLOCK_AND_FIRMWARE: Final = struct.Struct(">QIIBQ")
+
+
 def parse_tpms_attest(data: bytes) -> Attest:
     """Parse TPMS_ATTEST bytes (no TPM2B size prefix) of a quote.
 
     Attestations of other types raise ParseError with code ``attest-type-unsupported``.
     """
-    reader = _Reader(bytes(data), "TPMS_ATTEST")
-    magic = reader.u32("magic")
-    attest_type = reader.u16("type")
+    data = bytes(data)
+    if len(data) < _ATTEST_HEADER.size:
+        raise _truncated("TPMS_ATTEST", "magic", _ATTEST_HEADER.size, 0, len(data))
+    magic, attest_type = _ATTEST_HEADER.unpack_from(data)
     if attest_type != StructureTag.ATTEST_QUOTE:
         raise ParseError(
             f"TPMS_ATTEST.type: got 0x{attest_type:04x}, expected TPM_ST_ATTEST_QUOTE (0x8018)",
             code="attest-type-unsupported",
             field="type",
         )
-    qualified_signer = reader.tpm2b("qualifiedSigner", _MAX_NAME)
-    extra_data = reader.tpm2b("extraData", _MAX_DATA)
-    clock_info = _read_clock_info(reader)
-    firmware_version = reader.u64("firmwareVersion")
-    selection = _read_pcr_selection(reader)
-    pcr_digest = reader.tpm2b("attested.quote.pcrDigest", _MAX_DIGEST)
-    reader.finish()
-    return Attest(
-        magic=magic,
-        type=StructureTag.ATTEST_QUOTE,
-        qualified_signer=qualified_signer,
-        extra_data=extra_data,
-        clock_info=clock_info,
-        firmware_version=firmware_version,
-        pcr_selection=selection,
-        pcr_digest=pcr_digest,
+    qualified_signer, offset = _tpm2b_at(
+        data, _ATTEST_HEADER.size, "TPMS_ATTEST", "qualifiedSigner", _MAX_NAME
     )
+    extra_data, offset = _tpm2b_at(data, offset, "TPMS_ATTEST", "extraData", _MAX_DATA)
 
-
-def _read_clock_info(reader: _Reader) -> ClockInfo:
-    clock = reader.u64("clockInfo.clock")
-    reset_count = reader.u32("clockInfo.resetCount")
-    restart_count = reader.u32("clockInfo.restartCount")
-    safe = reader.u8("clockInfo.safe")
+    if offset + _CLOCK_AND_FIRMWARE.size > len(data):
+        raise _truncated(
+            "TPMS_ATTEST", "clockInfo", _CLOCK_AND_FIRMWARE.size, offset, len(data) - offset
+        )
+    clock, reset_count, restart_count, safe, firmware_version = (
+        _CLOCK_AND_FIRMWARE.unpack_from(data, offset)
+    )
+    offset += _CLOCK_AND_FIRMWARE.size
     if safe > 1:
         raise ParseError(
             f"TPMS_ATTEST.clockInfo.safe: got {safe}, expected 0 (NO) or 1 (YES)",
             code="value-invalid",
             field="clockInfo.safe",
         )
-    return ClockInfo(clock, reset_count, restart_count, bool(safe))
+
+    selection, offset = _pcr_selection_at(data, offset, "TPMS_ATTEST.attested.quote")
+    pcr_digest, offset = _tpm2b_at(
+        data, offset, "TPMS_ATTEST", "attested.quote.pcrDigest", _MAX_DIGEST
+    )
+    if offset != len(data):
+        raise _trailing("TPMS_ATTEST", offset, len(data))
+    return Attest(
+        magic=magic,
+        type=StructureTag.ATTEST_QUOTE,
+        qualified_signer=qualified_signer,
+        extra_data=extra_data,
+        clock_info=ClockInfo(clock, reset_count, restart_count, safe == 1),
+        firmware_version=firmware_version,
+        pcr_selection=selection,
+        pcr_digest=pcr_digest,
+    )
+
+
+def _pcr_selection_at(data: bytes, offset: int, structure: str) -> tuple[PcrSelection, int]:
+    """Find the end of the TPML_PCR_SELECTION at ``offset`` and parse it (cached by bytes)."""
+    start = offset
+    if offset + 4 > len(data):
+        raise _truncated(structure, "pcrSelect.count", 4, offset, len(data) - offset)
+    count = int.from_bytes(data[offset : offset + 4], "big")
+    offset += 4
+    for _ in range(min(count, _MAX_PCR_BANKS + 1)):
+        if offset + 3 > len(data):
+            raise _truncated(structure, "pcrSelect.sizeofSelect", 3, offset, len(data) - offset)
+        offset += 3 + data[offset + 2]
+    return _parse_pcr_selection_cached(data[start:offset]), offset
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_pcr_selection_cached(data: bytes) -> PcrSelection:
+    # A device quotes the same selection every time, so most calls are cache hits.
+    return parse_tpml_pcr_selection(data)
 
 
 # --- TPMT_SIGNATURE ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     """A parsed TPMT_SIGNATURE (RSASSA, RSAPSS or ECDSA).
 
     ``signature`` is in the form ``cryptography`` verifies: the raw RSA signature, or the
@@ -823,22 +873,37 @@ class Signature:
     signature: bytes
 
 
-_SIGNATURE_ALGS: Final = (TpmAlg.RSASSA, TpmAlg.RSAPSS, TpmAlg.ECDSA)
+_SIGNATURE_ALGS: Final = {int(alg): alg for alg in (TpmAlg.RSASSA, TpmAlg.RSAPSS, TpmAlg.ECDSA)}
+_SIGNATURE_HEADER: Final = struct.Struct(">HH")
 
 
 def parse_tpmt_signature(data: bytes) -> Signature:
     """Parse TPMT_SIGNATURE bytes; schemes other than RSASSA, RSAPSS and ECDSA raise ParseError."""
-    reader = _Reader(bytes(data), "TPMT_SIGNATURE")
-    sig_alg = reader.alg("sigAlg", _SIGNATURE_ALGS)
-    hash_alg = reader.hash_alg("signature.hash")
+    data = bytes(data)
+    if len(data) < _SIGNATURE_HEADER.size:
+        raise _truncated("TPMT_SIGNATURE", "sigAlg", _SIGNATURE_HEADER.size, 0, len(data))
+    sig_alg_value, hash_alg_value = _SIGNATURE_HEADER.unpack_from(data)
+    sig_alg = _SIGNATURE_ALGS.get(sig_alg_value)
+    if sig_alg is None:
+        raise _algorithm_error("TPMT_SIGNATURE", "sigAlg", sig_alg_value)
+    if hash_alg_value not in _HASHES:
+        raise _algorithm_error("TPMT_SIGNATURE", "signature.hash", hash_alg_value)
+
     if sig_alg == TpmAlg.ECDSA:
-        r = reader.tpm2b("signature.signatureR", _MAX_ECC_KEY_BYTES)
-        s = reader.tpm2b("signature.signatureS", _MAX_ECC_KEY_BYTES)
+        r, offset = _tpm2b_at(
+            data, 4, "TPMT_SIGNATURE", "signature.signatureR", _MAX_ECC_KEY_BYTES
+        )
+        s, offset = _tpm2b_at(
+            data, offset, "TPMT_SIGNATURE", "signature.signatureS", _MAX_ECC_KEY_BYTES
+        )
         signature = encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big"))
     else:
-        signature = reader.tpm2b("signature.sig", _MAX_RSA_KEY_BYTES)
-    reader.finish()
-    return Signature(sig_alg, hash_alg, signature)
+        signature, offset = _tpm2b_at(
+            data, 4, "TPMT_SIGNATURE", "signature.sig", _MAX_RSA_KEY_BYTES
+        )
+    if offset != len(data):
+        raise _trailing("TPMT_SIGNATURE", offset, len(data))
+    return Signature(sig_alg, _ALGS_BY_VALUE[hash_alg_value], signature)
 
 
 # --- tpm2-tools PCR file -----------------------------------------------------------------
@@ -849,13 +914,13 @@ def parse_tpmt_signature(data: bytes) -> Signature:
 _FILE_SELECTION: Final = struct.Struct("<I" + "HB4sx" * _MAX_PCR_BANKS)
 _FILE_LIST_COUNT: Final = struct.Struct("<I")
 _FILE_DIGEST_LIST: Final = struct.Struct("<I" + "H64s" * 8)
+_FILE_HEADER_SIZE: Final = _FILE_SELECTION.size + _FILE_LIST_COUNT.size
 _MAX_DIGEST_LISTS: Final = 64
 
 PcrValues = Mapping[TpmAlg, Mapping[int, bytes]]
 
 
-@dataclass(frozen=True)
-class PcrFile:
+class PcrFile(NamedTuple):
     """The content of a tpm2-tools PCR file: the selection and the PCR value of each index."""
 
     selection: PcrSelection
@@ -869,43 +934,39 @@ def parse_pcr_file(data: bytes) -> PcrFile:
     index), however the writer split them into lists of at most 8 digests.
     """
     data = bytes(data)
-    selection = _read_file_selection(data)
+    if len(data) < _FILE_HEADER_SIZE:
+        raise ParseError(
+            f"PCR file: truncated: {len(data)} bytes, expected at least {_FILE_HEADER_SIZE}",
+            code="structure-truncated",
+        )
+    selection, slots = _read_file_selection(data[: _FILE_SELECTION.size])
     digests = _read_file_digests(data)
 
-    expected = selection.pcr_count
-    if len(digests) != expected:
+    if len(digests) != len(slots):
         raise ParseError(
-            f"PCR file: {len(digests)} PCR values for a selection of {expected} PCRs",
+            f"PCR file: {len(digests)} PCR values for a selection of {len(slots)} PCRs",
             code="pcr-file-invalid",
             field="pcrValues",
         )
-    values: dict[TpmAlg, dict[int, bytes]] = {}
-    position = 0
-    for bank in selection.banks:
-        size = _HASHES[bank.hash_alg].size
-        bank_values = values.setdefault(bank.hash_alg, {})
-        for index in bank.pcrs:
-            digest = digests[position]
-            position += 1
-            if len(digest) != size:
-                raise ParseError(
-                    f"PCR file: value of {_HASHES[bank.hash_alg].name} PCR {index} has "
-                    f"{len(digest)} bytes, expected {size}",
-                    code="pcr-file-invalid",
-                    field="pcrValues",
-                )
-            bank_values[index] = digest
+    values: dict[TpmAlg, dict[int, bytes]] = {bank.hash_alg: {} for bank in selection.banks}
+    for (hash_alg, index, size), digest in zip(slots, digests, strict=True):
+        if len(digest) != size:
+            raise ParseError(
+                f"PCR file: value of {_HASHES[hash_alg].name} PCR {index} has "
+                f"{len(digest)} bytes, expected {size}",
+                code="pcr-file-invalid",
+                field="pcrValues",
+            )
+        values[hash_alg][index] = digest
     return PcrFile(selection, values)
 
 
-def _read_file_selection(data: bytes) -> PcrSelection:
-    if len(data) < _FILE_SELECTION.size + _FILE_LIST_COUNT.size:
-        raise ParseError(
-            f"PCR file: truncated: {len(data)} bytes, expected at least "
-            f"{_FILE_SELECTION.size + _FILE_LIST_COUNT.size}",
-            code="structure-truncated",
-        )
-    fields = _FILE_SELECTION.unpack_from(data)
+@functools.lru_cache(maxsize=256)
+def _read_file_selection(
+    header: bytes,
+) -> tuple[PcrSelection, tuple[tuple[TpmAlg, int, int], ...]]:
+    """Parse the selection part; return it and (bank, PCR index, digest size) per value."""
+    fields = _FILE_SELECTION.unpack(header)
     count = fields[0]
     if count > _MAX_PCR_BANKS:
         raise ParseError(
@@ -930,16 +991,19 @@ def _read_file_selection(data: bytes) -> PcrSelection:
                 field="pcrSelections.sizeofSelect",
             )
         pcrs = _pcr_indexes(bitmap[:size_of_select])
-        banks.append(PcrBank(TpmAlg(hash_alg), pcrs, size_of_select))
+        banks.append(PcrBank(_ALGS_BY_VALUE[hash_alg], pcrs, size_of_select))
     _reject_duplicate_banks(banks, "PCR file")
-    return PcrSelection(tuple(banks))
+    slots = tuple(
+        (bank.hash_alg, index, _HASHES[bank.hash_alg].size)
+        for bank in banks
+        for index in bank.pcrs
+    )
+    return PcrSelection(tuple(banks)), slots
 
 
 def _read_file_digests(data: bytes) -> list[bytes]:
-    offset = _FILE_SELECTION.size
-    (list_count,) = _FILE_LIST_COUNT.unpack_from(data, offset)
-    offset += _FILE_LIST_COUNT.size
-    expected_size = offset + list_count * _FILE_DIGEST_LIST.size
+    (list_count,) = _FILE_LIST_COUNT.unpack_from(data, _FILE_SELECTION.size)
+    expected_size = _FILE_HEADER_SIZE + list_count * _FILE_DIGEST_LIST.size
     if list_count > _MAX_DIGEST_LISTS or len(data) != expected_size:
         raise ParseError(
             f"PCR file: {len(data)} bytes for {list_count} digest lists, expected "
@@ -948,8 +1012,9 @@ def _read_file_digests(data: bytes) -> list[bytes]:
         )
     digests: list[bytes] = []
     for list_index in range(list_count):
-        fields = _FILE_DIGEST_LIST.unpack_from(data, offset)
-        offset += _FILE_DIGEST_LIST.size
+        fields = _FILE_DIGEST_LIST.unpack_from(
+            data, _FILE_HEADER_SIZE + list_index * _FILE_DIGEST_LIST.size
+        )
         count = fields[0]
         if count > 8:
             raise ParseError(
