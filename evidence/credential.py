@@ -199,7 +199,10 @@ def _make_seed(ek_public: PublicArea) -> tuple[bytes, bytes]:
 
 
 def marshal_credential_file(id_object: bytes, encrypted_secret: bytes) -> bytes:
-    """Write the tpm2-tools credential file: magic, version, TPM2B_ID_OBJECT, TPM2B_ENCRYPTED_SECRET."""
+    """Write the tpm2-tools credential file.
+
+    The layout is magic, version, TPM2B_ID_OBJECT, then TPM2B_ENCRYPTED_SECRET.
+    """
     return (
         CREDENTIAL_FILE_MAGIC.to_bytes(4, "big")
         + CREDENTIAL_FILE_VERSION.to_bytes(4, "big")

@@ -188,7 +188,9 @@ class SwtpmProcess:
         """Environment for tpm2-tools commands aimed at this swtpm."""
         return {**os.environ, "TPM2TOOLS_TCTI": self.tcti, "TSS2_LOG": "all+none"}
 
-    def run_tool(self, *args: str, cwd: Path | str | None = None) -> subprocess.CompletedProcess[str]:
+    def run_tool(
+        self, *args: str, cwd: Path | str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run one tpm2-tools command, then flush the transient objects it left loaded.
 
         Raises AssertionError with the command's output if it exits non-zero.
@@ -307,7 +309,9 @@ class TpmDevice:
         self.esapi.policy_secret(t.ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
         return session
 
-    def create_ak(self, ek: EkHandle, kind: str = "rsassa-sha256", attributes: Any = None) -> AkBlobs:
+    def create_ak(
+        self, ek: EkHandle, kind: str = "rsassa-sha256", attributes: Any = None
+    ) -> AkBlobs:
         """Create an AK as a child of the EK; ``kind`` is a key of AK_TEMPLATES."""
         t = self.t
         if attributes is None:
@@ -355,7 +359,10 @@ class TpmDevice:
         )
 
     def quote(self, ak_handle: Any, selection: Any, nonce: bytes) -> tuple[bytes, bytes]:
-        """Quote ``selection`` (text or TPML_PCR_SELECTION); return (TPMS_ATTEST, TPMT_SIGNATURE)."""
+        """Quote ``selection`` (text or TPML_PCR_SELECTION).
+
+        Returns the TPMS_ATTEST bytes and the TPMT_SIGNATURE bytes.
+        """
         attest, signature = self.esapi.quote(ak_handle, selection, nonce)
         return bytes(attest), bytes(signature.marshal())
 
