@@ -71,7 +71,8 @@ CODE_NOT_YET_VALID = "ek-certificate-not-yet-valid"
 CODE_KEY_MISMATCH = "ek-certificate-key-mismatch"
 CODE_EXTENSION_UNSUPPORTED = "ek-certificate-extension-unsupported"
 
-# An EK certificate in TPM NV is at most a few KiB; PEM adds a third. Larger input is not one.
+# Far above the size of real EK certificates (1-2 KiB of DER), so that oversized input is
+# rejected before parsing.
 MAX_CERTIFICATE_INPUT_BYTES = 64 * 1024
 # CA certificates allowed on one path, trust anchor included.
 MAX_CA_CERTIFICATES_ON_PATH = 8
@@ -117,7 +118,7 @@ _KEY_USAGE_BITS = (
     "decipherOnly",
 )
 
-# Short attribute names as RFC 4514 and `cryptography` print them; other types print as OIDs.
+# Short attribute names as RFC 4514 and `cryptography` print them. Other types print as OIDs.
 _ATTRIBUTE_SHORT_NAMES = {
     "2.5.4.3": "CN",
     "2.5.4.6": "C",
@@ -198,7 +199,7 @@ class _Tlv:
 
 
 def _read_tlv(data: bytes, offset: int, where: str) -> tuple[_Tlv, int]:
-    """Read the definite-length element at ``offset``; return it and the offset after it."""
+    """Read the definite-length element at ``offset`` and return it with the offset after it."""
     if offset + 2 > len(data):
         raise _malformed(f"{where}: truncated element header at offset {offset}")
     tag = data[offset]
@@ -246,23 +247,25 @@ class _DerReader:
     def peek_tag(self) -> int | None:
         return None if self.at_end() else self._data[self._offset]
 
-    def read(self, expected_tag: int, what: str) -> _Tlv:
+    def read(self, expected_tag: int, field_name: str) -> _Tlv:
         tag = self.peek_tag()
         if tag is None:
-            raise _malformed(f"{self._where}: {what} is missing")
+            raise _malformed(f"{self._where}: {field_name} is missing")
         if tag != expected_tag:
-            raise _malformed(f"{self._where}: expected {what} (tag {expected_tag:#04x}), got tag {tag:#04x}")
-        element, self._offset = _read_tlv(self._data, self._offset, f"{self._where}.{what}")
+            raise _malformed(
+                f"{self._where}: expected {field_name} (tag {expected_tag:#04x}), got tag {tag:#04x}"
+            )
+        element, self._offset = _read_tlv(self._data, self._offset, f"{self._where}.{field_name}")
         return element
 
-    def read_any(self, what: str) -> _Tlv:
+    def read_any(self, field_name: str) -> _Tlv:
         if self.at_end():
-            raise _malformed(f"{self._where}: {what} is missing")
-        element, self._offset = _read_tlv(self._data, self._offset, f"{self._where}.{what}")
+            raise _malformed(f"{self._where}: {field_name} is missing")
+        element, self._offset = _read_tlv(self._data, self._offset, f"{self._where}.{field_name}")
         return element
 
-    def read_optional(self, tag: int, what: str) -> _Tlv | None:
-        return self.read(tag, what) if self.peek_tag() == tag else None
+    def read_optional(self, tag: int, field_name: str) -> _Tlv | None:
+        return self.read(tag, field_name) if self.peek_tag() == tag else None
 
     def finish(self) -> None:
         if not self.at_end():
@@ -601,7 +604,10 @@ class SignatureScheme:
 
 @dataclass(frozen=True)
 class SignatureAlgorithm:
-    """The AlgorithmIdentifier of a certificate signature; ``scheme`` is None if unsupported."""
+    """The AlgorithmIdentifier of a certificate signature.
+
+    ``scheme`` is None when this module does not support the algorithm.
+    """
 
     oid: str
     der: bytes
@@ -625,7 +631,7 @@ def _parse_signature_algorithm(element: _Tlv, where: str) -> SignatureAlgorithm:
 
 
 def _parse_pss_parameters(parameters: _Tlv | None, where: str) -> SignatureScheme | None:
-    """Read RSASSA-PSS-params (RFC 4055); return None for SHA-1, the default, or other hashes."""
+    """Read RSASSA-PSS-params (RFC 4055). Return None if a hash is SHA-1 (the default) or unknown."""
     if parameters is None or parameters.tag != _SEQUENCE:
         raise _malformed(f"{where}: RSASSA-PSS without a parameters SEQUENCE")
     reader = _DerReader(parameters.content, f"{where}.RSASSA-PSS-params")
@@ -807,7 +813,7 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END ([A-Z0-9 ]+
 
 
 def _pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
-    """Return (label, decoded body) for each PEM block; raise ParseError on a bad block."""
+    """Return (label, decoded body) for each PEM block, raising ParseError on a bad block."""
     blocks: list[tuple[str, bytes]] = []
     for match in _PEM_BLOCK.finditer(data):
         label = match.group(1).decode("ascii")
@@ -975,10 +981,13 @@ class TrustStore:
             for candidate in self._by_subject.get(certificate.issuer_name.normalized(), [])
             if candidate.subject_name.matches(certificate.issuer_name)
         ]
-        wanted = certificate.extensions.authority_key_identifier
+        expected_key_identifier = certificate.extensions.authority_key_identifier
         return sorted(
             candidates,
-            key=lambda candidate: wanted is None or candidate.extensions.subject_key_identifier != wanted,
+            key=lambda candidate: (
+                expected_key_identifier is None
+                or candidate.extensions.subject_key_identifier != expected_key_identifier
+            ),
         )
 
 
@@ -1029,11 +1038,16 @@ def verify_ek_certificate(
     3. ``at`` (default: now) lies in the certificate's validity period
        [ek-certificate-expired, ek-certificate-not-yet-valid].
     4. A path leads from the certificate through intermediates in ``store`` to a trust anchor
-       in ``store`` [ek-certificate-untrusted]. On each link the issuer's name matches, the
-       issuer's key verifies the signature over the original TBS bytes
-       [ek-certificate-signature-invalid, ek-certificate-algorithm-unsupported], the issuer is a
-       CA allowed to sign certificates at this depth, its critical extensions are processed and
-       ``at`` lies in its validity period.
+       in ``store`` [ek-certificate-untrusted]. On each link:
+
+       - the issuer's subject matches the child's issuer name;
+       - the issuer's key verifies the signature over the original TBS bytes
+         [ek-certificate-signature-invalid, ek-certificate-algorithm-unsupported];
+       - the issuer is a CA allowed to sign certificates at this depth
+         [ek-certificate-untrusted];
+       - every critical extension of the issuer is processed
+         [ek-certificate-extension-unsupported];
+       - ``at`` lies in the issuer's validity period.
 
     Returns the subjects from the EK certificate (often ``""``) to the trust anchor.
     """

@@ -224,7 +224,7 @@ def test_unsorted_rdn_ca_subject_matches(nuvoton_root: TestCa) -> None:
 
 
 def test_name_cryptography_cannot_read_still_loads(root: TestCa) -> None:
-    """A CN holding a BIT STRING makes ``cryptography`` raise TypeError; it prints as hex here."""
+    """A CN holding a BIT STRING makes ``cryptography`` raise TypeError, and it prints as hex."""
     key = ek_key()
     unique_id = x509.NameAttribute(
         NameOID.X500_UNIQUE_IDENTIFIER, b"\x00\x01", _type=x509.name._ASN1Type.BitString
@@ -445,7 +445,7 @@ def test_same_name_wrong_key_signature_invalid(root: TestCa) -> None:
 
 
 def test_same_name_second_candidate_verifies(root: TestCa) -> None:
-    """Two CAs share a name (key rollover); the one whose key verifies is chosen."""
+    """Two CAs share a name after a key rollover, and the one whose key verifies is chosen."""
     rolled_over = ekca.root_ca("Test EK Root CA", "ec-p256")
     key = ek_key()
     cert = load_ek_certificate(ekca.der(rolled_over.issue_ek_certificate(key.public_key())))
@@ -469,7 +469,7 @@ def test_non_ca_intermediate_rejected(root: TestCa) -> None:
 
 
 def test_ca_certificate_as_ek_certificate_rejected(root: TestCa) -> None:
-    """A CA certificate from the bundle, presented with its own key as the EK, is refused."""
+    """A CA certificate from the bundle, presented with its own key as the EK, is rejected."""
     cert = load_ek_certificate(root.pem())
 
     error = verify_error(cert, store_of(root), root.key.public_key(), "ek-certificate-untrusted")

@@ -30,7 +30,7 @@ OID_EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 ONE_DAY = dt.timedelta(days=1)
 
-# RSA key generation takes 50-200 ms; tests that only need "some RSA key" share these.
+# RSA key generation is slow next to EC, so tests that need any RSA key share these.
 _RSA_KEY_CACHE: dict[str, rsa.RSAPrivateKey] = {}
 
 
@@ -278,7 +278,10 @@ def split_certificate(certificate_der: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def sign_tbs(tbs: bytes, algorithm: bytes, ca: TestCa) -> bytes:
-    """Sign ``tbs`` with the CA key as ``algorithm`` says and assemble the certificate DER."""
+    """Sign ``tbs`` with the CA's key, hash and padding, and assemble the certificate DER.
+
+    ``algorithm`` is the encoded signatureAlgorithm and must name that same hash and padding.
+    """
     if isinstance(ca.key, ec.EllipticCurvePrivateKey):
         signature = ca.key.sign(tbs, ec.ECDSA(ca.signing_hash))
     else:

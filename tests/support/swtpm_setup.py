@@ -2,10 +2,10 @@
 
 swtpm_localca gets its own configuration files in a directory of the caller's choosing, so
 nothing is written to the Debian default CA location (/var/lib/swtpm-localca). The first
-provisioning creates the CA (a root and an intermediate, about 1.5 s on the project machine);
-later ones reuse it (about 0.7 s), so tests share one ``LocalCa`` per session.
+provisioning also creates the CA (a root and an intermediate with RSA-3072 keys), which makes
+it the slowest, so tests share one ``LocalCa`` per session.
 
-swtpm_setup starts its own swtpm on a unix socket and stops it before returning; starting swtpm
+swtpm_setup starts its own swtpm on a unix socket and stops it before returning. Starting swtpm
 on the provisioned state directory is left to the caller.
 """
 
@@ -42,12 +42,12 @@ class LocalCa:
 
     @property
     def root_certificate(self) -> Path:
-        """PEM of the self-signed root; exists after the first provisioning."""
+        """PEM of the self-signed root. It exists after the first provisioning."""
         return self.state_dir / "swtpm-localca-rootca-cert.pem"
 
     @property
     def intermediate_certificate(self) -> Path:
-        """PEM of the intermediate that signs EK certificates; exists after the first run."""
+        """PEM of the intermediate that signs EK certificates. It exists after the first run."""
         return self.state_dir / "issuercert.pem"
 
     @classmethod
@@ -121,7 +121,7 @@ def provision_tpm_state(directory: Path, ca: LocalCa) -> ProvisionedTpm:
         str(certificates_dir),
         "--overwrite",
     ]
-    # swtpm_setup puts its scratch certificates under TMPDIR; keep them in the test directory.
+    # swtpm_setup writes scratch certificates under TMPDIR, so point TMPDIR into the test directory.
     environment = {**os.environ, "TMPDIR": str(scratch_dir)}
     result = subprocess.run(
         command,
