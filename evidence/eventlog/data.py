@@ -48,7 +48,7 @@ class SpecIdEvent:
 
 @dataclass(frozen=True, slots=True)
 class StartupLocality:
-    """The ``EV_NO_ACTION`` event that records the locality of TPM2_Startup; PCR 0 starts
+    """The ``EV_NO_ACTION`` event that records the locality of TPM2_Startup. PCR 0 starts
     with this value in its last byte instead of 0."""
 
     locality: int
@@ -73,10 +73,11 @@ class Text:
 class IplText:
     """``EV_IPL`` data that is a string.
 
-    GRUB writes ``<label>: <value>`` in ASCII with a trailing NUL (``kernel_cmdline``,
-    ``grub_cmd``, ``module_cmdline`` in PCR 8) and file names in PCR 9; shim writes variable
-    names such as ``MokList`` in PCR 14; systemd-boot writes the kernel command line in UTF-16LE
-    (PCR 12, older releases PCR 8). ``label`` is None unless the text has the GRUB form.
+    GRUB writes ``<label>: <value>`` in ASCII with a trailing NUL in PCR 8 (labels
+    ``kernel_cmdline``, ``grub_cmd``, ``module_cmdline``) and file names in PCR 9. Shim writes
+    variable names such as ``MokList`` in PCR 14. systemd-boot writes the kernel command line
+    in UTF-16LE in PCR 12 (older releases: PCR 8). ``label`` is None unless the text has the
+    GRUB form.
     """
 
     text: str
@@ -137,7 +138,7 @@ class SignatureData:
     """EFI_SIGNATURE_DATA: an owner GUID and one signature (an X.509 certificate in DER, a
     SHA-256 digest, ...).
 
-    ``signature_type`` comes from the enclosing EFI_SIGNATURE_LIST; it is None for the single
+    ``signature_type`` comes from the enclosing EFI_SIGNATURE_LIST. It is None for the single
     entry that an ``EV_EFI_VARIABLE_AUTHORITY`` event records, which has no list around it.
     """
 
@@ -211,12 +212,16 @@ class LoadOption:
 class UefiVariable:
     """UEFI_VARIABLE_DATA: a UEFI variable as measured into a PCR.
 
-    ``data`` is the variable's contents. Exactly one of the decoded views is set when the
-    contents have that layout: ``signature_lists`` for a Secure Boot or MOK database
-    (PK, KEK, db, dbx, MokList, vendor_db ...), ``signature`` for the one database entry that
-    an ``EV_EFI_VARIABLE_AUTHORITY`` event records, ``load_option`` for ``Boot####`` and
-    ``boot_order`` for ``BootOrder``. Other variables (``SecureBoot``, ``SbatLevel`` text,
-    ``MokListTrusted``'s one byte, shim's raw ``Shim`` certificate) keep only ``data``.
+    ``data`` is the variable's contents. At most one decoded view is set, when the contents
+    have its layout:
+
+    - ``signature_lists`` for a Secure Boot or MOK database (PK, KEK, db, dbx, MokList ...);
+    - ``signature`` for the one database entry that an ``EV_EFI_VARIABLE_AUTHORITY`` event
+      records (db, vendor_db, MokList);
+    - ``load_option`` for ``Boot####`` and ``boot_order`` for ``BootOrder``.
+
+    Other variables (``SecureBoot``, ``SbatLevel`` text, ``MokListTrusted``'s one byte, shim's
+    raw ``Shim`` certificate) keep only ``data``.
     """
 
     vendor_guid: UUID
@@ -229,7 +234,7 @@ class UefiVariable:
 
     @property
     def signatures(self) -> tuple[SignatureData, ...]:
-        """Every signature in ``signature_lists``, in order; empty when there are none."""
+        """Every signature in ``signature_lists``, in order, or an empty tuple."""
         if self.signature_lists is None:
             return ()
         return tuple(entry for sig_list in self.signature_lists for entry in sig_list.signatures)

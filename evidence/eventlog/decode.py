@@ -1,9 +1,9 @@
 """Decoding of event data into the typed layouts of ``evidence.eventlog.data``.
 
-Decoders never raise: data that does not have the layout its event type calls for is left
-undecoded (None) and stays raw bytes on the event, because firmware writes many variants and
-an unfamiliar one is not a reason to reject a log. Only the event framing, checked by the
-parser, can make a log malformed.
+Decoders never raise. Data that does not have the layout its event type calls for is left
+undecoded (None) and stays raw bytes on the event. Firmware writes many variants, and an
+unfamiliar one is no reason to reject a log: only the event framing, which the parser checks,
+can make a log malformed.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ _GRUB_LABELS = ("kernel_cmdline", "module_cmdline", "grub_cmd", "grub_kernel_cmd
 
 
 def decode_event_data(event_type: int, data: bytes) -> EventData | None:
-    """Decode ``data`` by the layout the PFP defines for ``event_type``; None if it has none
-    or the data does not fit it."""
+    """Decode ``data`` by the layout the PFP defines for ``event_type``. Return None if the
+    type has no such layout or the data does not fit it."""
     decoder = _DECODERS.get(event_type)
     if decoder is None:
         return None
@@ -254,8 +254,8 @@ def _variable(data: bytes) -> UefiVariable | None:
         return None
     guid, name_length, data_length = _VARIABLE_HEADER.unpack_from(data)
     name_end = _VARIABLE_HEADER.size + 2 * name_length
-    # Some shim releases pad the structure with a few bytes past the variable data; the
-    # lengths inside it still say where the name and the data end.
+    # Some shim releases pad the structure with a few bytes past the variable data. The
+    # lengths inside it still give where the name and the data end.
     if len(data) < name_end + data_length:
         return None
     try:
@@ -314,8 +314,8 @@ def _variable_authority(data: bytes) -> EventData | None:
 
 
 def decode_signature_lists(data: bytes) -> tuple[SignatureList, ...] | None:
-    """Decode a sequence of EFI_SIGNATURE_LIST structures filling ``data`` exactly; None if
-    the sizes are inconsistent. An empty variable is an empty sequence."""
+    """Decode a sequence of EFI_SIGNATURE_LIST structures that fills ``data`` exactly.
+    Return None if the sizes are inconsistent, and an empty tuple for empty data."""
     lists: list[SignatureList] = []
     offset = 0
     while offset < len(data):

@@ -2,7 +2,7 @@
 specification's "Device Path to Text" rules, e.g.
 ``PciRoot(0x0)/Pci(0x1d,0x0)/NVMe(0x1,00-00-00-00-00-00-00-00)/HD(1,GPT,...)/\\EFI\\BOOT\\BOOTX64.EFI``.
 
-The common hardware, ACPI, messaging and media nodes get their names; any other node, or a
+The common hardware, ACPI, messaging and media nodes get their names. Any other node, and a
 known node too short for its fields, prints as ``Path(type,subtype,hex data)``.
 """
 
@@ -29,7 +29,7 @@ class DevicePathError(ValueError):
 
 
 def device_path_to_text(raw: bytes) -> str:
-    """Convert a device path to text; raise DevicePathError if a node length is invalid."""
+    """Convert a device path to text. Raise DevicePathError if a node length is invalid."""
     parts: list[str] = []
     offset = 0
     while offset < len(raw):

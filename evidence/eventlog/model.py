@@ -1,9 +1,9 @@
 """A parsed UEFI event log: typed events and the values that a measured-boot policy reads.
 
-The accessors at the end of ``EventLog`` return what a Keylime-style measured-boot reference
-state is made of: S-CRTM and firmware digests, the Secure Boot databases, the Authenticode
-digests of the boot applications (shim, GRUB, kernel), kernel command lines and shim's MOK
-lists. Nothing here is trusted until the log has been replayed against quoted PCRs.
+The accessors at the end of ``EventLog`` return the parts of a Keylime-style measured-boot
+reference state. These are the S-CRTM and firmware digests, the Secure Boot databases, the
+Authenticode digests of the boot applications (shim, GRUB, kernel), the kernel command lines
+and shim's MOK lists. None of them is trusted until the log replays to the quoted PCRs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Event:
     """One event of the log (TCG_PCR_EVENT2, or TCG_PCClientPCREvent in a SHA-1 log).
 
     ``index`` counts events from 0, the Spec ID event included, as ``tpm2_eventlog`` numbers
-    them; ``offset`` is the event's first byte in the log. ``digests`` maps a PCR bank name
+    them. ``offset`` is the event's first byte in the log. ``digests`` maps a PCR bank name
     (``sha1``, ``sha256`` ...) to the digest logged for it, in log order. ``decoded`` is the
     typed view of ``data`` where the event type defines one and the data fits it.
     """
@@ -126,8 +126,8 @@ class EventLog:
         )
 
     def secure_boot_variable(self, name: str) -> UefiVariable | None:
-        """The last ``EV_EFI_VARIABLE_DRIVER_CONFIG`` measurement of variable ``name`` in
-        PCR 7 (``SecureBoot``, ``PK``, ``KEK``, ``db``, ``dbx`` ...), or None if it has none."""
+        """Return the last ``EV_EFI_VARIABLE_DRIVER_CONFIG`` measurement of variable ``name``
+        in PCR 7 (``SecureBoot``, ``PK``, ``KEK``, ``db``, ``dbx`` ...), or None."""
         found: UefiVariable | None = None
         for event in self.events:
             if (
@@ -141,7 +141,7 @@ class EventLog:
 
     @property
     def secure_boot_enabled(self) -> bool | None:
-        """Whether the measured ``SecureBoot`` variable is 1; None if it was not measured."""
+        """Whether the measured ``SecureBoot`` variable is 1, or None if it was not measured."""
         variable = self.secure_boot_variable("SecureBoot")
         if variable is None:
             return None
@@ -192,9 +192,9 @@ class EventLog:
         return tuple(lines)
 
     def mok_events(self, name: str = "MokList") -> tuple[Event, ...]:
-        """PCR 14 ``EV_IPL`` events in which shim measured variable ``name`` (``MokList``,
-        ``MokListX``, ``MokSBState``); the data is only the name, the digests cover the
-        variable's contents (Keylime's ``mokdig`` and ``mokxdig``)."""
+        """Return the PCR 14 ``EV_IPL`` events in which shim measured variable ``name``
+        (``MokList``, ``MokListX``, ``MokSBState``). Their data is only the name, but their
+        digests cover the variable's contents (Keylime's ``mokdig`` and ``mokxdig``)."""
         return tuple(
             event
             for event in self.events

@@ -10,7 +10,7 @@ Two formats exist, both little-endian:
   is parsed whole in this format.
 
 Framing errors (a truncated event, a size past the end, an unknown digest algorithm) raise
-``EventLogParseError``; event data of an unexpected layout stays raw (see ``decode``).
+``EventLogParseError``. Event data of an unexpected layout stays raw (see ``decode``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ _READ_CHUNK_SIZE = 64 * 1024
 
 
 class EventLogParseError(ParseError):
-    """An event log that cannot be parsed; ``event_index`` and ``offset`` (bytes from the
-    start of the log) say where parsing stopped, when known."""
+    """An event log that cannot be parsed. ``event_index`` and ``offset`` (bytes from the
+    start of the log) locate where parsing stopped, when known."""
 
     default_code = "eventlog-malformed"
 

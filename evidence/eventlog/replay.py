@@ -1,8 +1,8 @@
 """Replay of a UEFI event log into PCR values, and the checks of a log against quoted PCRs.
 
 A TPM extends a PCR as ``new = H(old || digest)`` in every allocated bank. Replaying the log
-computes the values each bank must hold after the logged events; only then can the event
-data be trusted, and only as far as the quoted PCRs cover it.
+computes the values each bank must contain after the logged events. The event data can be
+trusted only after these equal the quoted PCRs, and only as far as those PCRs cover it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ EVENT_LOG_PCRS: frozenset[int] = frozenset({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14})
 H_CRTM_LOCALITY = 4
 
 # Event types whose digest the PFP defines as the hash of the event data itself. A mismatch
-# in a variable measurement fails the evidence because measured-boot policies evaluate the
-# logged variable contents (PK, KEK, db, dbx); in the others the data is informational.
+# in a variable measurement fails the evidence, because measured-boot policies evaluate the
+# logged variable contents (PK, KEK, db, dbx). In the other types the data is informational.
 _DATA_DIGEST_SEVERITY: dict[int, Severity] = {
     EventType.EV_EFI_VARIABLE_DRIVER_CONFIG: Severity.ERROR,
     EventType.EV_SEPARATOR: Severity.WARNING,
@@ -247,8 +247,8 @@ def _hashlib_name(bank: str) -> str | None:
 def check_event_data(log: EventLog) -> list[Finding]:
     """Return a finding for each event whose data does not hash to its logged digest.
 
-    Replay always uses the logged digest, so such an event does not change the PCR values;
-    the finding says that the data shown for it is not what was measured. An EV_IPL string
+    Replay always uses the logged digest, so such an event does not change the PCR values.
+    The finding reports that the data shown for it is not what was measured. An EV_IPL string
     (kernel command line, GRUB command) is a warning, as is a separator, S-CRTM version,
     GPT or EFI action event. A Secure Boot variable (EV_EFI_VARIABLE_DRIVER_CONFIG) is an
     error, because policies read its contents.

@@ -100,8 +100,8 @@ SHA1 = KNOWN_HASH_ALGORITHMS[0x0004]
 
 
 def hash_algorithm(alg_id: int, declared_size: int) -> HashAlgorithm:
-    """Return the algorithm for ``alg_id``; an unknown one gets the digest size that the
-    Spec ID event declares and a bank name such as ``alg_0x00ff``, and cannot be replayed."""
+    """Return the algorithm for ``alg_id``. An unknown algorithm gets the digest size that
+    the Spec ID event declares and a bank name such as ``alg_0x00ff``. It cannot be replayed."""
     known = KNOWN_HASH_ALGORITHMS.get(alg_id)
     if known is not None:
         return known
