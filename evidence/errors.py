@@ -44,3 +44,26 @@ class TrustStoreError(EvidenceError):
     certificates, or a certificate that cannot be parsed. The message names the file."""
 
     default_code = "trust-store-invalid"
+
+
+class ImaParseError(ParseError):
+    """An IMA measurement list that is not well formed.
+
+    ``line`` is the 1-based line of the ASCII form and ``offset`` the byte offset of the
+    record in the binary form; either is ``None`` where it does not apply.
+    """
+
+    default_code = "ima-list-malformed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        field: str | None = None,
+        line: int | None = None,
+        offset: int | None = None,
+    ):
+        super().__init__(message, code=code, field=field)
+        self.line = line
+        self.offset = offset
