@@ -30,6 +30,7 @@ from evidence.eventlog.parse import EventLogParseError, parse_event_log, read_ev
 from evidence.eventlog.replay import (
     EVENT_LOG_PCRS,
     PcrBanks,
+    QuotedPcrs,
     check_event_data,
     compare_replayed_pcrs,
     event_data_matches_digests,
@@ -72,6 +73,7 @@ __all__ = [
     "IplText",
     "LoadOption",
     "PcrBanks",
+    "QuotedPcrs",
     "Separator",
     "SignatureData",
     "SignatureList",

@@ -13,10 +13,13 @@ from typing import Any
 
 from evidence.eventlog.data import IplText
 from evidence.eventlog.model import Event, EventLog
-from evidence.eventlog.types import KNOWN_HASH_ALGORITHMS, EventType
+from evidence.eventlog.types import KNOWN_HASH_ALGORITHMS, EventType, hash_algorithm
 from evidence.findings import Finding, Severity
 
 PcrBanks = Mapping[str, Mapping[int, bytes]]
+# Quoted PCR values keyed by bank name (``sha256``) or by TPM_ALG_ID (0x000B, or an IntEnum
+# such as ``evidence.tpm.TpmAlg.SHA256``).
+QuotedPcrs = Mapping[str, Mapping[int, bytes]] | Mapping[int, Mapping[int, bytes]]
 
 # PCRs that only pre-OS code extends, so the UEFI event log accounts for all of their
 # extensions: PCR 0-7 (firmware), 8-9 (boot loader) and 14 (shim's MOK lists). Keylime's
@@ -92,7 +95,7 @@ def _initial_values(log: EventLog, digest_size: int) -> dict[int, bytes]:
 
 def compare_replayed_pcrs(
     replayed: PcrBanks,
-    quoted: PcrBanks,
+    quoted_pcrs: QuotedPcrs,
     *,
     pcr_indexes: Collection[int] = EVENT_LOG_PCRS,
 ) -> list[Finding]:
@@ -108,9 +111,11 @@ def compare_replayed_pcrs(
     4. If no PCR value was compared at all, the check did not happen
        (``eventlog-nothing-compared``).
 
-    ``quoted`` maps bank names (``sha1``, ``sha256`` ...) to ``{pcr index: value}``.
+    ``quoted_pcrs`` maps banks to ``{pcr index: value}``, the banks named as in
+    ``QuotedPcrs``.
     """
     findings: list[Finding] = []
+    quoted = _by_bank_name(quoted_pcrs)
 
     for bank in sorted(quoted):
         if bank not in replayed:
@@ -137,13 +142,23 @@ def compare_replayed_pcrs(
                 code="eventlog-nothing-compared",
                 severity=Severity.ERROR,
                 message=(
-                    f"no quoted PCR is one the event log covers: quoted banks {common} hold "
+                    f"no quoted PCR is one the event log covers: quoted banks {common} contain "
                     f"none of PCRs {sorted(pcr_indexes)}"
                 ),
                 context={"banks": common, "pcr_indexes": sorted(pcr_indexes)},
             )
         )
     return findings
+
+
+def _by_bank_name(quoted_pcrs: QuotedPcrs) -> dict[str, Mapping[int, bytes]]:
+    by_name: dict[str, Mapping[int, bytes]] = {}
+    for bank, values in quoted_pcrs.items():
+        if isinstance(bank, str):
+            by_name[bank] = values
+        else:
+            by_name[hash_algorithm(int(bank), 0).name] = values
+    return by_name
 
 
 def _bank_missing(bank: str, replayed: PcrBanks) -> Finding:
@@ -158,7 +173,7 @@ def _bank_missing(bank: str, replayed: PcrBanks) -> Finding:
     )
 
 
-def _no_common_bank(replayed: PcrBanks, quoted: PcrBanks) -> Finding:
+def _no_common_bank(replayed: PcrBanks, quoted: Mapping[str, Mapping[int, bytes]]) -> Finding:
     return Finding(
         code="eventlog-no-common-bank",
         severity=Severity.ERROR,
@@ -281,7 +296,7 @@ def check_event_data(log: EventLog) -> list[Finding]:
 
 def verify_event_log(
     unverified_log: EventLog,
-    quoted: PcrBanks,
+    quoted: QuotedPcrs,
     *,
     pcr_indexes: Collection[int] = EVENT_LOG_PCRS,
 ) -> list[Finding]:

@@ -106,6 +106,20 @@ def test_pcr_scope_can_be_chosen() -> None:
     assert findings == []
 
 
+def test_quoted_banks_by_tpm_alg_id() -> None:
+    builder = _builder()
+    expected = builder.expected_pcrs()
+    quoted = {0x0004: expected["sha1"], 0x000B: dict(expected["sha256"]), 0x000C: {0: bytes(48)}}
+    quoted[0x000B][5] = b"\x05" * 32
+
+    findings = compare_replayed_pcrs(replay_event_log(parse_event_log(builder.build())), quoted)
+
+    assert [(f.code, f.context["bank"]) for f in findings] == [
+        ("eventlog-bank-missing", "sha384"),
+        ("eventlog-pcr-mismatch", "sha256"),
+    ]
+
+
 def test_bank_missing_is_a_warning() -> None:
     builder = _builder()
     quoted = {**builder.expected_pcrs(), "sha384": {0: bytes(48)}}
