@@ -9,7 +9,10 @@ from __future__ import annotations
 
 
 class DeviceError(Exception):
-    """Base of every error raised by ``device``."""
+    """Base of every error raised by ``device``.
+
+    ``device_id`` is the agent uuid the error concerns, once the agent knows it, for logs.
+    """
 
     default_code = "device-error"
 
@@ -17,6 +20,7 @@ class DeviceError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code or self.default_code
+        self.device_id: str | None = None
 
 
 class TpmError(DeviceError):

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE_NAME: Final = "identity.json"
 FORMAT_VERSION: Final = 1
 
-# Agent ids that fit in a URL path segment unescaped: letters, digits, '.', '_' and '-'.
+# The registrar accepts ids of 1-255 letters, digits, '.', '_' and '-'. The agent also wants a
+# letter or digit first, because HTTP clients normalise the path segments '.' and '..'.
 _AGENT_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _REMEDY: Final = (
     "The agent does not replace this file. Restore it from a backup, or remove it to create "

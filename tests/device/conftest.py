@@ -1,4 +1,4 @@
-"""swtpm fixtures for the device tests.
+"""swtpm and registrar fixtures for the device tests.
 
 Three kinds of TPM:
 
@@ -9,18 +9,26 @@ Three kinds of TPM:
 - ``blank_swtpm``: a fresh state with no EK certificates at all.
 
 swtpm_setup takes about a second, so one provisioned state is made per session and copied.
+
+``running_registrar`` serves the real edgetrust app on a migrated SQLite database in a temporary
+directory, on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from flask import Flask
+from werkzeug.serving import make_server
 
 from tests.support import ekca
 from tests.support.swtpm import SwtpmProcess, require_swtpm
@@ -157,3 +165,80 @@ def store_nv(swtpm: SwtpmProcess, index: int, data: bytes) -> None:
             esapi.nv_write(nv_handle, data[offset:offset + 512], offset, ESYS_TR.PLATFORM)
     finally:
         esapi.close()
+
+
+# --- Registrar ------------------------------------------------------------------------------
+
+REGISTRAR_API = "v2.3"
+
+
+@dataclass(frozen=True)
+class RegistrarUnderTest:
+    """The edgetrust app serving on 127.0.0.1, with admin look-ups for assertions."""
+
+    url: str
+    app: Flask
+
+    def device(self, agent_id: str) -> requests.Response:
+        return requests.get(f"{self.url}/{REGISTRAR_API}/agents/{agent_id}", timeout=10)
+
+    def device_ids(self) -> list[str]:
+        response = requests.get(f"{self.url}/{REGISTRAR_API}/agents/", timeout=10)
+        response.raise_for_status()
+        ids: list[str] = response.json()["results"]["uuids"]
+        return ids
+
+
+def build_registrar_app(directory: Path, ca_bundles: list[Path], *,
+                        require_ek_certificate: bool = True) -> Flask:
+    """Build the edgetrust app on a fresh, migrated SQLite database in ``directory``."""
+    from edgetrust.app import create_app
+    from edgetrust.db import make_engine, upgrade
+    from edgetrust.settings import Settings
+
+    # The registrar rejects an empty CA directory but accepts a missing one.
+    ca_dir = directory / "ek-ca"
+    if ca_bundles:
+        ca_dir.mkdir(parents=True)
+    for bundle in ca_bundles:
+        for pem_file in bundle.glob("*.pem"):
+            shutil.copy(pem_file, ca_dir / f"{bundle.name}-{pem_file.name}")
+    settings = Settings(
+        data_dir=directory / "server",
+        database_url=f"sqlite:///{directory / 'registrar.db'}",
+        ek_ca_dir=ca_dir,
+        require_ek_certificate=require_ek_certificate,
+    )
+    engine = make_engine(settings.effective_database_url)
+    upgrade(engine)
+    return create_app(settings, engine=engine)
+
+
+@contextmanager
+def serving_on_port(app: Flask, port: int = 0) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1:``port`` (0 picks a free port) and yield its base URL.
+
+    TODO: tests/support/server.py always picks a free port; the registrar-down test needs to
+    start the server on the port the agent already retries, so this one takes a port.
+    """
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@contextmanager
+def running_registrar(directory: Path, ca_bundles: list[Path], *, require_ek_certificate: bool = True,
+                      port: int = 0,
+                      middleware: Callable[[Any], Any] | None = None) -> Iterator[RegistrarUnderTest]:
+    """Serve the registrar; ``middleware`` wraps the WSGI app, to inject failures."""
+    app = build_registrar_app(directory, ca_bundles, require_ek_certificate=require_ek_certificate)
+    if middleware is not None:
+        app.wsgi_app = middleware(app.wsgi_app)  # type: ignore[method-assign]
+    with serving_on_port(app, port) as url:
+        yield RegistrarUnderTest(url=url, app=app)
