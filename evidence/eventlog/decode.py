@@ -127,12 +127,15 @@ def _s_crtm_version(data: bytes) -> EventData | None:
 
 
 def _s_crtm_contents(data: bytes) -> EventData | None:
-    if len(data) == _U64_PAIR.size:
+    # Firmware logs the S-CRTM as a firmware blob (16 bytes), a described blob, or text
+    # such as "Boot Guard Measured S-CRTM".
+    text = decode_text(data)
+    if len(data) == _U64_PAIR.size and text is None:
         return _firmware_blob(data)
     blob2 = _firmware_blob2(data)
     if blob2 is not None:
         return blob2
-    return decode_text(data)
+    return text
 
 
 def _firmware_blob(data: bytes) -> FirmwareBlob | None:

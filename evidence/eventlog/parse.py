@@ -141,6 +141,9 @@ def _parse_sha1_event(data: bytes, offset: int, index: int) -> tuple[Event, int]
             f"event header needs {_SHA1_EVENT_HEADER.size} bytes, {remaining} remain",
         )
     pcr, event_type, digest, size = _SHA1_EVENT_HEADER.unpack_from(data, offset)
+    if not any(data[offset : offset + _SHA1_EVENT_HEADER.size]):
+        # Zero bytes would otherwise read as EV_PREBOOT_CERT events extending PCR 0.
+        raise _malformed(index, offset, "event header is all zero bytes (padding, not an event)")
     _check_pcr(pcr, index, offset)
     data_start = offset + _SHA1_EVENT_HEADER.size
     end = _data_end(data, data_start, size, index, offset)

@@ -171,6 +171,16 @@ def test_no_action_event_may_omit_digests() -> None:
     assert log.startup_locality == 3
 
 
+def test_zero_padding_is_malformed() -> None:
+    raw = encode_sha1_event(0, EV_SEPARATOR, bytes(20), bytes(4))
+
+    error = _malformed(raw + bytes(64))
+
+    assert error.event_index == 1
+    assert error.offset == len(raw)
+    assert "all zero bytes" in error.message
+
+
 def test_pcr_index_out_of_range_is_malformed() -> None:
     raw = encode_sha1_event(32, EV_SEPARATOR, bytes(20), bytes(4))
 
@@ -368,6 +378,21 @@ def test_unknown_layouts_stay_raw() -> None:
 
     assert [event.decoded for event in events] == [None, None, None]
     assert [event.to_json()["data"] for event in events] == ["00" * 10, b"not a GPT".hex(), "01"]
+
+
+def test_s_crtm_contents_blob_or_text() -> None:
+    builder = EventLogBuilder(banks=("sha256",))
+    builder.add(0, EV_S_CRTM_CONTENTS, struct.pack("<QQ", 0xFFFF0000, 0x10000))
+    builder.add(0, EV_S_CRTM_CONTENTS, b"Boot Guard S-CRT")
+    builder.add(0, EV_S_CRTM_CONTENTS, b"Boot Guard Measured S-CRTM")
+
+    decoded = [event.decoded for event in parse_event_log(builder.build()).events[1:]]
+
+    assert decoded == [
+        FirmwareBlob(0xFFFF0000, 0x10000),
+        Text("Boot Guard S-CRT", "utf-8"),
+        Text("Boot Guard Measured S-CRTM", "utf-8"),
+    ]
 
 
 def test_s_crtm_version_text() -> None:
