@@ -6,6 +6,7 @@ import click
 
 from edgetrust import __version__
 from edgetrust.commands.evidence import evidence_group
+from edgetrust.commands.policy import policy_group
 from edgetrust.commands.server import db_group, serve_command
 
 
@@ -18,3 +19,4 @@ def main() -> None:
 main.add_command(serve_command)
 main.add_command(db_group)
 main.add_command(evidence_group)
+main.add_command(policy_group)
