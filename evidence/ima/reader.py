@@ -24,8 +24,15 @@ class ImaListReader:
     file stays open between calls, so a securityfs file continues where it stopped.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, start_index: int = 0):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        start_index: int = 0,
+        chunk_size: int = _CHUNK_SIZE,
+    ):
         self.path = os.fspath(path)
+        self._chunk_size = chunk_size
         self._file: BinaryIO | None = None
         self._tail = b""
         self._lines_to_skip = start_index
@@ -37,7 +44,10 @@ class ImaListReader:
         return self._next_index
 
     def read_lines(self) -> list[str]:
-        """Read to EOF and return the new complete lines, without their newlines."""
+        """Read to EOF and return the new complete lines, without their newlines.
+
+        Raises OSError when the file cannot be opened or read.
+        """
         data = self._tail + self._read_to_eof()
         complete_end = data.rfind(b"\n") + 1
         self._tail = data[complete_end:]
@@ -82,7 +92,7 @@ class ImaListReader:
             self._file = open(self.path, "rb", buffering=0)
         chunks: list[bytes] = []
         while True:
-            chunk = self._file.read(_CHUNK_SIZE)
+            chunk = self._file.read(self._chunk_size)
             if not chunk:
                 return b"".join(chunks)
             chunks.append(chunk)
