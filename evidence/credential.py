@@ -52,9 +52,9 @@ _MAX_ENCRYPTED_SECRET: Final = 512
 class CredentialFile:
     """A parsed tpm2-tools credential file.
 
-    ``id_object`` is the TPM2B_ID_OBJECT buffer (integrityHMAC as a TPM2B, then
-    encIdentity); ``encrypted_secret`` is the TPM2B_ENCRYPTED_SECRET buffer, an
-    OAEP-encrypted seed for an RSA EK or a marshalled TPMS_ECC_POINT for an ECC EK.
+    ``id_object`` is the TPM2B_ID_OBJECT buffer: integrityHMAC as a TPM2B, then encIdentity.
+    ``encrypted_secret`` is the TPM2B_ENCRYPTED_SECRET buffer. For an RSA EK it is the
+    OAEP-encrypted seed, and for an ECC EK the marshalled ephemeral TPMS_ECC_POINT.
     """
 
     id_object: bytes

@@ -21,10 +21,10 @@ reports each failure as its own finding:
 10. ``pcrDigest`` equals the digest, with the signing hash, of the supplied values of the
     quoted PCRs in selection order (``quote-pcr-values-missing``,
     ``quote-pcr-values-invalid``, ``quote-pcr-digest-mismatch``).
-11. ``clockInfo`` against the last accepted quote of the device: a larger resetCount starts a
-    new boot session (``quote-new-boot-session``, INFO); a smaller resetCount, or a smaller
-    restartCount or clock within a session, fails (``quote-counter-regressed``); equal
-    counters mean the same quote again (``quote-replayed``).
+11. ``clockInfo`` against the last accepted quote of the device. A larger resetCount starts
+    a new boot session (``quote-new-boot-session``, INFO). A smaller resetCount fails, and so
+    does a smaller restartCount or clock within a session (``quote-counter-regressed``).
+    Equal counters mean the same quote again (``quote-replayed``).
 12. ``clockInfo.safe`` is YES; NO is a warning (``quote-clock-not-safe``) because the clock
     may then repeat values it reported before.
 
@@ -102,7 +102,7 @@ _TYPE_END: Final = 6
 
 @dataclass(frozen=True, slots=True)
 class QuoteResult:
-    """What ``verify_quote`` found.
+    """Result of ``verify_quote``: the findings, and what to keep when the quote passed.
 
     ``attest`` is set once the signature verified and the attestation parsed. ``next_counters``
     is what to store as the device's last accepted clock state: this quote's clockInfo when it
@@ -465,6 +465,8 @@ def _check_counters(current: ClockInfo, previous: ClockInfo | None) -> Finding |
     elif current.clock < previous.clock:
         problem = f"clock went back from {previous.clock} to {current.clock} without a reset"
     elif current.clock == previous.clock and current.restart_count == previous.restart_count:
+        # NOTE: two genuine quotes within one millisecond of TPM clock would be reported here
+        # too. A verifier polls a device far less often than that.
         return _error(
             "quote-replayed",
             f"TPMS_ATTEST.clockInfo equals the last accepted quote's ({_counters_text(current)}): "

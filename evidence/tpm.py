@@ -1,8 +1,8 @@
 """Parse and marshal the TPM 2.0 structures that attestation evidence carries.
 
-Parsers are strict: truncated input, trailing bytes, sizes above the TPM's maximum and
-algorithm ids this module does not know or does not support in that position each raise
-``ParseError`` with a stable ``code`` and a message naming the structure field.
+Parsers are strict. Truncated input, trailing bytes and sizes above the TPM's maximum raise
+``ParseError``, and so do algorithm ids that this module does not know or does not support
+in that position. Each error has a stable ``code`` and a message naming the structure field.
 
 Public functions:
 
@@ -580,7 +580,7 @@ def check_ak_attributes(
     Each attribute protects one property of the AK. ``restricted`` and ``sign``: the TPM only
     signs structures it produced itself (quotes), never external data that merely looks like
     one. ``fixedTPM`` and ``fixedParent``: the private key cannot be duplicated out of this
-    TPM. ``sensitiveDataOrigin``: the TPM generated the private key, nobody imported it. A
+    TPM. ``sensitiveDataOrigin``: the TPM generated the private key, so it was not imported. A
     set ``decrypt`` would make the key usable for decryption too.
 
     Codes: ``ak-attributes-invalid`` names the first missing attribute,
@@ -624,8 +624,7 @@ def _attributes_text(attributes: ObjectAttributes) -> str:
 # --- TPML_PCR_SELECTION ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PcrBank:
+class PcrBank(NamedTuple):
     """One TPMS_PCR_SELECTION: a PCR bank and the ascending PCR indexes selected in it."""
 
     hash_alg: TpmAlg
@@ -931,7 +930,8 @@ def parse_pcr_file(data: bytes) -> PcrFile:
     """Parse a PCR file as written by ``tpm2_quote -o`` or rust-keylime; consume all bytes.
 
     Values are assigned to the selected PCRs in selection order (bank by bank, ascending
-    index), however the writer split them into lists of at most 8 digests.
+    index), however the writer split them into lists of at most 8 digests. Bytes in padding,
+    in unused slots and after each digest's size are ignored, as tpm2_checkquote ignores them.
     """
     data = bytes(data)
     if len(data) < _FILE_HEADER_SIZE:

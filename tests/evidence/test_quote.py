@@ -311,7 +311,7 @@ def test_quote_rejects_selection_without_banks(quoting: QuotingDevice) -> None:
 
 
 def test_quote_rejects_bank_the_tpm_lacks(tmp_path: Path) -> None:
-    """A TPM with only a SHA-1 bank answers a SHA-256 request with an empty selection."""
+    """A TPM with only a SHA-1 bank returns an empty selection for a SHA-256 request."""
     with SwtpmProcess(tmp_path / "sha1-only") as tpm:
         with TpmDevice(tpm) as device:
             sha1_only = PcrSelection(
