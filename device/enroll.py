@@ -1,9 +1,10 @@
 """Enrollment with the registrar over the Keylime registrar API v2.x.
 
-Steps, as rust-keylime 0.2.9 performs them:
+Steps, in the order rust-keylime's agent performs them
+(keylime-agent/src/agent_registration.rs):
 
 1. ``GET /version`` picks the API version: the registrar's ``current_version`` if this agent
-   speaks it, else the newest version both speak. A registrar without ``/version`` (404) gets
+   supports it, else the newest version both support. A registrar without ``/version`` (404) gets
    version 2.1.
 2. ``POST /v{version}/agents/{uuid}`` sends the AK (``aik_tpm``), the EK (``ek_tpm``), the EK
    certificate (``ekcert``, base64 DER, when the TPM has one) and the contact address. The
@@ -57,7 +58,7 @@ from evidence.errors import ParseError
 
 log = logging.getLogger(__name__)
 
-# Registrar API versions whose enrollment requests and responses this module speaks. They do
+# Registrar API versions whose enrollment requests and responses this module supports. They do
 # not differ in the fields used here.
 SUPPORTED_API_VERSIONS: Final = ("2.1", "2.2", "2.3", "2.4", "2.5")
 FALLBACK_API_VERSION: Final = "2.1"
@@ -166,7 +167,7 @@ def _connection_reason(error: requests.RequestException) -> str:
 def _registrar_error(response: requests.Response) -> tuple[str | None, str]:
     """Return (error code, message) from an error response in either envelope.
 
-    edgetrust answers ``results.error.{code, message}``. Keylime answers only ``status``.
+    edgetrust sends ``results.error.{code, message}``, while Keylime sends only ``status``.
     """
     try:
         body = response.json()
@@ -223,8 +224,8 @@ class RegistrarClient:
         if common:
             return common[-1]
         raise EnrollmentError(
-            f"registrar at {self.base_url} speaks API versions {offered or [current]}, and "
-            f"this agent speaks {', '.join(SUPPORTED_API_VERSIONS)}; upgrade one of them",
+            f"registrar at {self.base_url} supports API versions {offered or [current]}, and "
+            f"this agent supports {', '.join(SUPPORTED_API_VERSIONS)}; upgrade one of them",
             code="registrar-api-incompatible",
         )
 
@@ -311,13 +312,13 @@ def enroll_once(tpm: DeviceTpm, ek: EndorsementKey, identity: AgentIdentity,
     # 1. API version.
     api_version = client.negotiate_api_version()
 
-    # 2. Registration: the registrar answers with a credential for the EK and the AK's name.
+    # 2. Registration: the registrar returns a credential for the EK and the AK's name.
     body = registration_body(ek, identity, config.contact_host, config.contact_port)
     blob = client.register(api_version, identity.uuid, body)
     device_log.info("registered with the registrar at %s (API %s); activating the credential",
                     client.base_url, api_version)
 
-    # 3. TPM2_ActivateCredential releases the secret only to the TPM that holds EK and AK.
+    # 3. TPM2_ActivateCredential releases the secret only in the TPM that contains EK and AK.
     secret = tpm.activate_credential(ek, identity.ak, _parse_blob(blob, client))
 
     # 4. Activation.

@@ -221,7 +221,7 @@ def _create_identity(store: IdentityStore, tpm: DeviceTpm, ek: EndorsementKey, *
     agent_id = configured_uuid or str(uuid_module.uuid4())
     device_log = device_logger(log, agent_id)
     device_log.info("no identity file at %s; creating a new %s AK under the %s", store.path,
-                    ak_type, ek.describe())
+                    ak_type.upper(), ek.describe())
 
     ak = tpm.create_ak(ek, ak_type)
     identity = AgentIdentity(uuid=agent_id, ek_type=ek_type, ek_name=ek.name, ak_type=ak_type,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from edgetrust import __version__
+from edgetrust.commands.agent import agent_command
 from edgetrust.commands.evidence import evidence_group
 from edgetrust.commands.policy import policy_group
 from edgetrust.commands.server import db_group, serve_command
@@ -19,4 +20,5 @@ def main() -> None:
 main.add_command(serve_command)
 main.add_command(db_group)
 main.add_command(evidence_group)
+main.add_command(agent_command)
 main.add_command(policy_group)

@@ -172,7 +172,7 @@ def test_new_ak_for_same_uuid_rejected(provisioned_swtpm: TpmUnderTest, tmp_path
 
 
 def failing_first(count: int, status: str) -> Callable[[Any], Any]:
-    """Return WSGI middleware that answers the first ``count`` requests with ``status``."""
+    """Return WSGI middleware that fails the first ``count`` requests with ``status``."""
     def middleware(wsgi_app: Any) -> Any:
         remaining = [count]
 
