@@ -218,8 +218,8 @@ def build_registrar_app(directory: Path, ca_bundles: list[Path], *,
 def serving_on_port(app: Flask, port: int = 0) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1:``port`` (0 picks a free port) and yield its base URL.
 
-    TODO: tests/support/server.py always picks a free port; the registrar-down test needs to
-    start the server on the port the agent already retries, so this one takes a port.
+    TODO: move the port parameter into tests/support/server.py, which always picks a free
+    port. The registrar-down test must start the server on the port the agent already retries.
     """
     server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

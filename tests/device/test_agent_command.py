@@ -254,3 +254,46 @@ def test_agent_corrupt_identity_exits_nonzero(blank_swtpm: TpmUnderTest, tmp_pat
     assert agent.wait() == 1
     assert f"[identity-corrupt]: identity file {identity_file} is corrupt" in agent.log
     assert identity_file.read_text() == "{not json"
+
+
+def test_agent_reads_config_file(provisioned_swtpm: TpmUnderTest, tmp_path: Path) -> None:
+    assert provisioned_swtpm.ca_bundle is not None
+    with running_registrar(tmp_path / "registrar", [provisioned_swtpm.ca_bundle]) as registrar:
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'agent_tcti = "{provisioned_swtpm.tcti}"\n'
+            f'agent_state_dir = "{tmp_path / "agent"}"\n'
+            f'agent_registrar_url = "{registrar.url}"\n'
+            'agent_uuid = "car-0042"\n'
+            'agent_ak_type = "rsa"\n'
+            'agent_contact_port = 9443\n'
+        )
+        environment = {key: value for key, value in os.environ.items()
+                       if not key.startswith("EDGETRUST_")}
+        agent = AgentProcess({**environment, "TSS2_LOG": "all+none"}, "--config", str(config),
+                             "--once")
+
+        assert agent.wait() == 0, agent.log
+        results = registrar.device("car-0042").json()["results"]
+        assert results["port"] == 9443
+
+
+def test_cli_loads_without_tpm2_pytss(tmp_path: Path) -> None:
+    """Control-plane installs lack tpm2-pytss. Every command still loads, and the agent logs
+    why it cannot run."""
+    program = ("import sys; sys.modules['tpm2_pytss'] = None; from edgetrust.cli import main; "
+               "main(sys.argv[1:])")
+    environment = {key: value for key, value in os.environ.items()
+                   if not key.startswith("EDGETRUST_")}
+    environment["XDG_DATA_HOME"] = str(tmp_path)
+
+    help_run = subprocess.run([sys.executable, "-c", program, "--help"], env=environment,
+                              capture_output=True, text=True, timeout=60, check=False)
+    agent_run = subprocess.run([sys.executable, "-c", program, "agent", "--once"],
+                               env=environment, capture_output=True, text=True, timeout=60,
+                               check=False)
+
+    assert help_run.returncode == 0, help_run.stderr
+    assert "agent" in help_run.stdout
+    assert agent_run.returncode == 1
+    assert "the agent needs tpm2-pytss and libtss2" in agent_run.stderr
