@@ -295,6 +295,8 @@ class DeviceTpm:
             if not handles:
                 break
             found.extend(handles)
+            if last is not None and handles[-1] >= last:
+                break
             start = handles[-1] + 1
         if last is not None:
             found = [handle for handle in found if handle <= last]
