@@ -6,6 +6,8 @@ revision that does not match its model, fails ``test_head_matches_models``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -25,7 +27,7 @@ from edgetrust.db import (
 
 
 @pytest.fixture
-def engine(database_url: str):
+def engine(database_url: str) -> Iterator[Engine]:
     engine = make_engine(database_url)
     yield engine
     engine.dispose()

@@ -100,6 +100,7 @@ def test_enrollment_stores_contact_details(registrar: Registrar, ek_cas: EkCas) 
     mtls = ekca.pem(ek_cas.untrusted.certificate).decode()
 
     enroll(registrar, device, ip="192.0.2.7", port="9002", mtls_cert=mtls)
+    assert device.ekcert is not None
 
     response = registrar.get(f"/v2.3/agents/{DEVICE_ID}")
     assert response.status_code == 200
@@ -157,9 +158,10 @@ def test_ekcert_as_pem(registrar: Registrar, ek_cas: EkCas) -> None:
     ("ec-p384", TpmAlg.SHA384, 256),
     ("rsa-2048", TpmAlg.SHA256, 128),
 ])
-def test_ekcert_only_uses_tcg_template(registrar: Registrar, ek_cas: EkCas, ek_kind: str,
-                                       name_alg: TpmAlg, aes_bits: int) -> None:
-    ek_key = ekca.shared_rsa_key("ek") if ek_kind == "rsa-2048" else ekca.generate_key(ek_kind)  # type: ignore[arg-type]
+def test_ekcert_only_uses_tcg_template(registrar: Registrar, ek_cas: EkCas,
+                                       ek_kind: ekca.KeyKind, name_alg: TpmAlg,
+                                       aes_bits: int) -> None:
+    ek_key = ekca.shared_rsa_key("ek") if ek_kind == "rsa-2048" else ekca.generate_key(ek_kind)
     device = SoftwareDevice(ek_key=ek_key, ak_key=ekca.generate_key("ec-p256"), ca=ek_cas.issuer,
                             ek_tpm=ek_public(ek_key, name_alg=name_alg, aes_bits=aes_bits))
 
