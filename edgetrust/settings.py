@@ -79,7 +79,9 @@ class Settings:
     agent_state_dir: Path | None = _setting(
         None, "Directory where the agent keeps its uuid and AK (default: <data_dir>/agent).")
     agent_registrar_url: str = _setting("http://127.0.0.1:8890", "Base URL of the registrar.")
-    agent_ek_type: str = _setting("rsa", "EK algorithm: rsa (RSA-2048) or ecc (NIST P-256).")
+    agent_ek_type: str = _setting(
+        "rsa", "EK algorithm: rsa (RSA-2048) or ecc (the certified NIST P-256 EK, else the "
+        "certified P-384 EK that swtpm_setup makes, else P-256 from the TCG template).")
     agent_ak_type: str = _setting("ecc", "AK key type: rsa (RSASSA-SHA256) or ecc (ECDSA-SHA256 "
                                   "on NIST P-256).")
     agent_contact_host: str = _setting("127.0.0.1", "Address the agent reports to the registrar "

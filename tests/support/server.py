@@ -11,9 +11,9 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 
 class ServerThread:
-    def __init__(self, app: Flask):
+    def __init__(self, app: Flask, port: int = 0):
         self.app = app
-        self._server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
+        self._server: BaseWSGIServer = make_server("127.0.0.1", port, app, threaded=True)
         self.port = self._server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -28,9 +28,9 @@ class ServerThread:
 
 
 @contextmanager
-def serving(app: Flask) -> Iterator[ServerThread]:
-    """Serve ``app`` on a free 127.0.0.1 port for the duration of the block."""
-    server = ServerThread(app)
+def serving(app: Flask, port: int = 0) -> Iterator[ServerThread]:
+    """Serve ``app`` on 127.0.0.1 for the duration of the block, on ``port`` or a free one."""
+    server = ServerThread(app, port)
     server.start()
     try:
         yield server
