@@ -153,7 +153,7 @@ def test_tpm2_activatecredential_accepts_our_credential(
 
 
 @pytest.mark.swtpm
-def test_make_credential_rejects_signing_key_as_ek(device: TpmDevice) -> None:
+def test_make_credential_rejects_signing_ek(device: TpmDevice) -> None:
     ek = device.create_ek("EK-ECC256")
     try:
         ak = device.create_ak(ek, "ecdsa-sha256")
@@ -216,7 +216,7 @@ def test_credential_file_rejects(data: bytes, code: str) -> None:
 
 @settings(max_examples=300)
 @given(data=st.binary(max_size=600))
-def test_credential_file_raises_only_evidence_errors(data: bytes) -> None:
+def test_credential_file_rejects_random_bytes(data: bytes) -> None:
     try:
         parse_credential_file(struct.pack(">II", CREDENTIAL_FILE_MAGIC, 1) + data)
     except EvidenceError as error:

@@ -163,7 +163,7 @@ def error_codes(result: QuoteResult) -> list[str]:
         "rsassa-sha1", "rsassa-sha512",
     ],
 )
-def test_quote_verifies_for_each_signature_scheme(quoting: QuotingDevice, ak_kind: str) -> None:
+def test_quote_verifies_each_scheme(quoting: QuotingDevice, ak_kind: str) -> None:
     quote = quoting.quote(ak_kind, "sha256:0,1,2,3,10,16")
 
     result = verify(quoting.ak(ak_kind), quote)
@@ -180,7 +180,7 @@ def test_quote_verifies_for_each_signature_scheme(quoting: QuotingDevice, ak_kin
     "selection_text",
     ["sha1:0,1,2,3,4,5,6,7,10", "sha256:10", "sha1:10,16+sha256:0,1,2,3,4,5,6,7,8,9,10,16"],
 )
-def test_quote_verifies_for_sha1_and_sha256_banks(
+def test_quote_verifies_sha1_sha256_banks(
     quoting: QuotingDevice, selection_text: str
 ) -> None:
     quote = quoting.quote("ecdsa-sha256", selection_text)
@@ -214,7 +214,7 @@ def test_quote_verifies_with_cached_ak(quoting: QuotingDevice) -> None:
     ).valid
 
 
-def test_quote_with_bare_public_key_skips_qualified_signer(quoting: QuotingDevice) -> None:
+def test_quote_bare_key_skips_signer(quoting: QuotingDevice) -> None:
     enrolled = quoting.ak("ecdsa-sha256")
     quote = quoting.quote("ecdsa-sha256", "sha256:10")
 
@@ -231,7 +231,7 @@ def test_quote_with_bare_public_key_skips_qualified_signer(quoting: QuotingDevic
 # --- PCR values read after the quote -----------------------------------------------------
 
 
-def test_quote_rejects_pcr_values_read_after_quote(quoting: QuotingDevice) -> None:
+def test_quote_rejects_late_pcr_values(quoting: QuotingDevice) -> None:
     enrolled = quoting.ak("ecdsa-sha256")
     nonce = os.urandom(32)
     with quoting.device.loaded(quoting.ek, enrolled.blobs) as handle:
@@ -268,7 +268,7 @@ def test_quote_rejects_missing_pcr_value(quoting: QuotingDevice) -> None:
     assert "sha256:0" in result.findings[0].message
 
 
-def test_quote_rejects_values_shifted_across_pcrs(quoting: QuotingDevice) -> None:
+def test_quote_rejects_shifted_pcr_values(quoting: QuotingDevice) -> None:
     """Values whose concatenation hashes right but whose boundaries moved are rejected."""
     quote = quoting.quote("ecdsa-sha256", "sha256:0,10")
     first, second = quote.values[TpmAlg.SHA256][0], quote.values[TpmAlg.SHA256][10]
@@ -321,15 +321,15 @@ def test_quote_rejects_bank_the_tpm_lacks(tmp_path: Path) -> None:
             tpml, _ = device.t.TPML_PCR_SELECTION.unmarshal(sha1_only.marshal())
             device.esapi.pcr_allocate(tpml)
         tpm.restart()
-        device = QuotingDevice(tpm)
+        quoting = QuotingDevice(tpm)
         try:
-            quote = device.quote("ecdsa-sha256", "sha1:10")
+            quote = quoting.quote("ecdsa-sha256", "sha1:10")
             nonce = os.urandom(32)
-            with device.device.loaded(device.ek, device.ak("ecdsa-sha256").blobs) as handle:
-                attest, signature = device.device.quote(handle, "sha256:0,1,10", nonce)
-            enrolled = device.ak("ecdsa-sha256")
+            with quoting.device.loaded(quoting.ek, quoting.ak("ecdsa-sha256").blobs) as handle:
+                attest, signature = quoting.device.quote(handle, "sha256:0,1,10", nonce)
+            enrolled = quoting.ak("ecdsa-sha256")
         finally:
-            device.close()
+            quoting.close()
 
     result = verify_quote(
         enrolled.public, attest, signature, nonce=nonce,
@@ -348,14 +348,14 @@ def test_negotiate_pcr_bank_prefers_sha256() -> None:
     assert negotiate_pcr_bank([TpmAlg.SHA1]) == TpmAlg.SHA1
 
 
-def test_negotiate_pcr_bank_rejects_no_common_bank() -> None:
+def test_negotiate_pcr_bank_rejects_none() -> None:
     with pytest.raises(VerificationError, match="no PCR bank in common") as caught:
         negotiate_pcr_bank([], preferred=[TpmAlg.SHA256])
 
     assert caught.value.code == "pcr-bank-unavailable"
 
 
-def test_quote_rejects_selection_other_than_requested(quoting: QuotingDevice) -> None:
+def test_quote_rejects_other_selection(quoting: QuotingDevice) -> None:
     quote = quoting.quote("ecdsa-sha256", "sha256:0,10")
 
     result = verify(
@@ -473,7 +473,7 @@ def test_quote_accepts_next_quote_of_session(quoting: QuotingDevice) -> None:
         ({"clock": 60_000}, "clock"),
     ],
 )
-def test_quote_rejects_counters_going_backwards(
+def test_quote_rejects_counters_backwards(
     quoting: QuotingDevice, change: dict[str, int], field: str
 ) -> None:
     quote = quoting.quote("ecdsa-sha256", "sha256:10")
@@ -495,7 +495,7 @@ def test_quote_rejects_counters_going_backwards(
         (False, ["quote-new-boot-session", "quote-clock-not-safe"]),
     ],
 )
-def test_quote_starts_new_boot_session_after_reboot(
+def test_quote_reboot_starts_new_session(
     tmp_path: Path, orderly: bool, expected_codes: list[str]
 ) -> None:
     """swtpm restarted on the same state is a reboot: resetCount grows, clock may go back.
@@ -545,7 +545,7 @@ def test_quote_qualified_signer_is_qualified_name(quoting: QuotingDevice) -> Non
     assert attest.qualified_signer != enrolled.public.name
 
 
-def test_quote_rejects_plain_name_as_qualified_signer(quoting: QuotingDevice) -> None:
+def test_quote_rejects_plain_name_signer(quoting: QuotingDevice) -> None:
     enrolled = quoting.ak("rsassa-sha256")
     quote = quoting.quote("rsassa-sha256", "sha256:10")
 
@@ -580,7 +580,7 @@ def test_quote_without_qualified_name_warns(quoting: QuotingDevice) -> None:
 # --- magic, type, malformed --------------------------------------------------------------
 
 
-def test_quote_rejects_signed_structure_without_magic(quoting: QuotingDevice) -> None:
+def test_quote_rejects_signed_non_quote(quoting: QuotingDevice) -> None:
     """A restricted AK signs external data only when it lacks TPM_GENERATED_VALUE."""
     genuine = quoting.quote("ecdsa-sha256", "sha256:10")
     fake_attest = struct.pack(">I", 0x00544347) + genuine.attest[4:]
@@ -684,7 +684,7 @@ def flipped(data: bytes) -> Iterator[tuple[int, bytes]]:
 
 
 @pytest.mark.parametrize("ak_kind", ["rsassa-sha256", "ecdsa-sha256"])
-def test_quote_catches_every_flipped_bit_in_attest(quoting: QuotingDevice, ak_kind: str) -> None:
+def test_quote_catches_attest_bit_flips(quoting: QuotingDevice, ak_kind: str) -> None:
     quote = quoting.quote(ak_kind, "sha1:10+sha256:0,10")
     enrolled = quoting.ak(ak_kind)
 
@@ -695,7 +695,7 @@ def test_quote_catches_every_flipped_bit_in_attest(quoting: QuotingDevice, ak_ki
 
 
 @pytest.mark.parametrize("ak_kind", ["rsapss-sha256", "ecdsa-sha256"])
-def test_quote_catches_every_flipped_bit_in_signature(
+def test_quote_catches_signature_bit_flips(
     quoting: QuotingDevice, ak_kind: str
 ) -> None:
     quote = quoting.quote(ak_kind, "sha256:10")
@@ -708,7 +708,7 @@ def test_quote_catches_every_flipped_bit_in_signature(
         assert result.attest is None, position
 
 
-def test_quote_catches_every_flipped_bit_in_pcr_file(quoting: QuotingDevice) -> None:
+def test_quote_catches_pcr_file_bit_flips(quoting: QuotingDevice) -> None:
     """A flip either fails the quote, or lands in padding or unused slots and changes nothing."""
     quote = quoting.quote("rsassa-sha256", "sha1:10+sha256:0,1,2,3,4,5,6,7,10")
     enrolled = quoting.ak("rsassa-sha256")
