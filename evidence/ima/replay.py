@@ -230,7 +230,8 @@ def verify_measurement_list(
        is the hash of its buffer.
     3. Replaying the entries from the saved PCR 10 values reaches the quoted value in every
        quoted bank after one and the same prefix of the list, possibly an empty one: the
-       kernel may log entries between the quote and the reading of the list.
+       kernel may log entries between the quote and the reading of the list. From entry 0
+       on, the prefix holds at least the first entry.
     4. When the list starts at entry 0 and ``boot_pcrs`` (bank -> PCR -> value from the same
        quote) is given, the first entry is the boot_aggregate of those PCRs.
     5. Progress: the matched prefix covers the entries the device showed last time. It may
@@ -288,7 +289,10 @@ def verify_measurement_list(
         if value is None:
             return _failed(state, _bank_not_replayed(bank, state))
         start_values[bank] = value
-    matched, mismatches = _match_prefix(entries, start_values, quoted_pcr10)
+    # The kernel extends boot_aggregate before user space runs, so from entry 0 on a quote
+    # covers at least that entry: a PCR 10 of zeros beside a non-empty list is no match.
+    shortest = 1 if state.next_index == 0 and entries else 0
+    matched, mismatches = _match_prefix(entries, start_values, quoted_pcr10, shortest)
     if matched is None:
         return _failed(state, *findings, *mismatches)
 
@@ -321,8 +325,10 @@ def _match_prefix(
     entries: Sequence[ImaEntry],
     start_values: Mapping[str, bytes],
     quoted_pcr10: Mapping[str, bytes],
+    shortest: int,
 ) -> tuple[int | None, list[Finding]]:
-    """Return the longest prefix length whose replay equals the quote in every quoted bank.
+    """Return the longest prefix length, at least ``shortest``, whose replay equals the quote
+    in every quoted bank.
 
     Returns None and one ``ima-pcr-mismatch`` finding per failing bank when there is none.
     """
@@ -331,7 +337,7 @@ def _match_prefix(
     for bank, quoted in quoted_pcr10.items():
         prefixes, finals[bank] = _matching_prefixes(entries, bank, start_values[bank], quoted)
         common = prefixes if common is None else common & prefixes
-    if common:
+    if common and max(common) >= shortest:
         return max(common), []
 
     findings = []

@@ -475,3 +475,13 @@ def test_newline_name_forging_a_line_fails_template_hash() -> None:
     assert len(parsed) == 3
     assert is_failure(result.findings)
     assert "ima-template-hash-mismatch" in _codes(result.findings)
+
+
+def test_zero_pcr10_beside_list_from_start_is_mismatch() -> None:
+    built = ImaListBuilder()
+    built.boot_aggregate(fake_boot_pcrs())
+    built.ima_ng("/init", b"init")
+
+    result = verify_measurement_list(parse_ascii_list(built.ascii()), {"sha256": bytes(32)})
+
+    assert _codes(result.findings) == ["ima-pcr-mismatch"]
