@@ -1,0 +1,118 @@
+"""Helpers shared by the verifier tests: simulated devices, policies and one-call attestation."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from policies.runtime import PolicyCache, load_runtime_policy
+from verifier.engine import (
+    Challenge,
+    EngineOptions,
+    Enrollment,
+    Evidence,
+    Loaded,
+    PolicySet,
+    VerificationResult,
+    pcr_mask,
+    requested_pcrs,
+    verify,
+)
+from verifier.fleet_sim import SimulatedDevice, make_files, runtime_policy_document
+from verifier.state import DeviceState
+from verifier.verdicts import AppliedPolicy
+
+START = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+POLL_INTERVAL = 10.0
+_NONCE_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_nonce() -> str:
+    return "".join(secrets.choice(_NONCE_ALPHABET) for _ in range(20))
+
+
+def runtime_policies(files: dict[str, bytes], name: str = "fleet", version: int = 1) -> PolicySet:
+    policy = load_runtime_policy(json.dumps(runtime_policy_document(files)), cache=PolicyCache())
+    applied = AppliedPolicy("runtime", name, version, policy.content_hash)
+    return PolicySet(runtime=Loaded(applied, policy))
+
+
+def enrollment_of(device: SimulatedDevice) -> Enrollment:
+    return Enrollment(device.device_id, device.tpm.ak_public, device.tpm.qualified_name)
+
+
+@dataclass
+class Attester:
+    """Attests one simulated device repeatedly, carrying the state as the poller would."""
+
+    device: SimulatedDevice
+    policies: PolicySet
+    state: DeviceState | None = None
+    now: datetime = START
+    enrollment: Enrollment | None = None
+    options: EngineOptions = EngineOptions()
+
+    def request(self, nonce: str | None = None) -> tuple[Challenge, dict[str, Any]]:
+        """Ask the device for a quote as the poller does; return the challenge and results."""
+        next_index = self.state.ima.next_index if self.state else 0
+        pcrs = requested_pcrs(self.policies)
+        nonce = nonce or new_nonce()
+        status, body = self.device.answer_quote(
+            {"nonce": nonce, "mask": pcr_mask(pcrs), "partial": "1", "ima_ml_entry": str(next_index)}
+        )
+        assert status == 200, body
+        challenge = Challenge(nonce.encode("ascii"), pcrs | {16}, next_index, self.now)
+        return challenge, body["results"]
+
+    def verify(
+        self, challenge: Challenge, results: dict[str, Any], *, keep_state: bool = False
+    ) -> VerificationResult:
+        evidence = Evidence(
+            quote=results["quote"],
+            hash_alg=results["hash_alg"],
+            ima_measurement_list=results.get("ima_measurement_list"),
+            ima_start_index=results.get("ima_measurement_list_entry", 0),
+        )
+        result = verify(
+            evidence,
+            self.enrollment or enrollment_of(self.device),
+            self.policies,
+            self.state,
+            challenge=challenge,
+            now=self.now,
+            poll_interval=POLL_INTERVAL,
+            options=self.options,
+        )
+        if not keep_state:
+            self.state = result.next_state
+        self.now += timedelta(seconds=POLL_INTERVAL)
+        return result
+
+    def attest(self) -> VerificationResult:
+        challenge, results = self.request()
+        return self.verify(challenge, results)
+
+
+def error_codes(result: VerificationResult) -> list[str]:
+    return [finding.code for finding in result.findings if finding.severity >= 30]
+
+
+@pytest.fixture
+def files() -> dict[str, bytes]:
+    return make_files(12)
+
+
+@pytest.fixture
+def device(files: dict[str, bytes]) -> SimulatedDevice:
+    return SimulatedDevice("device-1", files=dict(files), entries_per_quote=2)
+
+
+@pytest.fixture
+def attester(device: SimulatedDevice, files: dict[str, bytes]) -> Attester:
+    return Attester(device, runtime_policies(files))
