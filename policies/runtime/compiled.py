@@ -19,7 +19,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, TypeAlias
 
 from policies.dsse import is_envelope, verify_envelope
@@ -37,6 +36,27 @@ AllowedDigests: TypeAlias = bytes | tuple[bytes, ...]
 DigestTable: TypeAlias = Mapping[str, AllowedDigests]
 
 DEFAULT_CACHE_SIZE = 16
+
+
+class ReadOnlyDigestTable(dict[str, AllowedDigests]):
+    """A dict that refuses changes once built.
+
+    A MappingProxyType would do the same, but its ``get`` costs several times a dict's, and
+    evaluation calls ``get`` once per entry.
+    """
+
+    def _read_only(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a compiled runtime policy cannot be changed")
+
+    # The signatures differ from dict's on purpose: every mutator raises whatever it is given.
+    __setitem__ = _read_only
+    __delitem__ = _read_only
+    __ior__ = _read_only  # type: ignore[assignment]
+    clear = _read_only
+    pop = _read_only  # type: ignore[assignment]
+    popitem = _read_only  # type: ignore[assignment]
+    setdefault = _read_only  # type: ignore[assignment]
+    update = _read_only
 
 
 class ExcludeMatcher:
@@ -280,7 +300,7 @@ def _compile_table(table: Mapping[str, list[str]]) -> DigestTable:
             compiled[name] = fromhex(digests[0])
         else:
             compiled[name] = tuple(fromhex(digest) for digest in digests)
-    return MappingProxyType(compiled)
+    return ReadOnlyDigestTable(compiled)
 
 
 def _table_to_hex(table: DigestTable) -> dict[str, list[str]]:

@@ -109,7 +109,8 @@ def normalize_policy_document(unverified_policy: Mapping[str, Any]) -> dict[str,
     The canonical form has exactly the eight keys; each digest list is sorted, without
     duplicates and without algorithm prefixes; blank excludes are dropped; ignored keyrings
     are sorted. Keys outside the format (at the top level or in ``meta`` and ``ima``) are
-    dropped, as Keylime ignores them. Raises PolicyError naming the field at fault.
+    dropped, as Keylime ignores them. The result may share digest lists with the input, so
+    copy the input before changing it. Raises PolicyError naming the field at fault.
     """
     for key in REQUIRED_KEYS:
         if key not in unverified_policy:
@@ -207,11 +208,12 @@ def normalize_digest_table(unverified_table: Any, field: str) -> dict[str, list[
     table: dict[str, list[str]] = {}
     fullmatch = _DIGEST_PATTERN.fullmatch
     for name, unverified_digests in unverified_table.items():
-        # Fast path for the common case: one well-formed digest.
+        # Fast path for the common case: one well-formed digest. The list is already in
+        # canonical form, so it is kept rather than copied.
         if type(unverified_digests) is list and len(unverified_digests) == 1:
             digest = unverified_digests[0]
             if type(digest) is str and fullmatch(digest) and not len(digest) & 1:
-                table[name] = [digest]
+                table[name] = unverified_digests
                 continue
         table[name] = _normalize_digest_list(unverified_digests, f"{field}[{json.dumps(name)}]")
     return table

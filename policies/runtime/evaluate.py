@@ -143,7 +143,7 @@ def evaluate_incremental(
             if not (check_boot_aggregate and path == BOOT_AGGREGATE):
                 allowed = digests.get(path)
                 if allowed is not None and (
-                    allowed == entry.digest if isinstance(allowed, bytes) else entry.digest in allowed
+                    allowed == entry.digest if type(allowed) is bytes else entry.digest in allowed
                 ):
                     continue
                 if excluded(path):
