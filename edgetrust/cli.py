@@ -6,6 +6,7 @@ import click
 
 from edgetrust import __version__
 from edgetrust.commands.agent import agent_command
+from edgetrust.commands.demo import demo_command
 from edgetrust.commands.evidence import evidence_group
 from edgetrust.commands.policy import policy_group
 from edgetrust.commands.server import db_group, serve_command
@@ -22,3 +23,4 @@ main.add_command(db_group)
 main.add_command(evidence_group)
 main.add_command(agent_command)
 main.add_command(policy_group)
+main.add_command(demo_command)

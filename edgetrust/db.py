@@ -78,7 +78,7 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def alembic_config(engine: Engine | None = None) -> Config:
-    directory = Path(migrations.__file__).parent
+    directory = Path(next(iter(migrations.__path__)))
     config = Config()
     config.set_main_option("script_location", str(directory))
     if engine is not None:

@@ -124,8 +124,26 @@ def test_credential_file_layout_matches_tpm2_tools(tools_keys: tuple[SwtpmProces
     assert len(ours.id_object) == len(theirs.id_object)
     assert len(ours.integrity_hmac) == len(theirs.integrity_hmac)
     assert len(ours.encrypted_identity) == len(theirs.encrypted_identity)
-    assert len(ours.encrypted_secret) == len(theirs.encrypted_secret)
+    if ek_public.type == TpmAlg.RSA:
+        assert len(ours.encrypted_secret) == len(theirs.encrypted_secret)
+    else:
+        # An ECC secret is a TPMS_ECC_POINT. We pad each coordinate to the curve size, as a
+        # TPM does; tpm2-tools drops leading zero bytes, so its coordinates may be shorter.
+        curve_bytes = (ek_public.public_key.curve.key_size + 7) // 8  # type: ignore[union-attr] # ECC here
+        assert _ecc_point_sizes(ours.encrypted_secret) == (curve_bytes, curve_bytes)
+        theirs_x, theirs_y = _ecc_point_sizes(theirs.encrypted_secret)
+        assert curve_bytes - 2 <= theirs_x <= curve_bytes
+        assert curve_bytes - 2 <= theirs_y <= curve_bytes
     assert ours.encrypted_identity != theirs.encrypted_identity
+
+
+def _ecc_point_sizes(encrypted_secret: bytes) -> tuple[int, int]:
+    """Return the sizes of x and y in a TPMS_ECC_POINT that fills ``encrypted_secret``."""
+    x_size = int.from_bytes(encrypted_secret[0:2], "big")
+    y_offset = 2 + x_size
+    y_size = int.from_bytes(encrypted_secret[y_offset:y_offset + 2], "big")
+    assert y_offset + 2 + y_size == len(encrypted_secret)
+    return x_size, y_size
 
 
 @pytest.mark.swtpm
