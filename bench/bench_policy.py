@@ -6,10 +6,10 @@ Usage (from the repository root)::
         [--entries 100000] [--extra-digests 100000] [--new-entries 20] [--devices 100]
         [--write-docs]
 
-The script writes into a temporary directory an ``ima-ng`` list of ``--entries`` entries
-with SHA-256 file digests (the first one ``boot_aggregate``, template hashes SHA-1) followed by
-``--new-entries`` more, and a runtime policy that allows every one of them plus
-``--extra-digests`` digests for paths the list never shows: 200,000 digests with the
+The script writes its inputs into a temporary directory. The list is an ``ima-ng`` list of
+``--entries`` entries with SHA-256 file digests and SHA-1 template hashes, the first one
+``boot_aggregate``, followed by ``--new-entries`` more. The runtime policy allows every one of
+them plus ``--extra-digests`` digests for paths the list never shows: 200,000 digests with the
 defaults. PCR 10 of the SHA-256 bank is replayed once here. Then it measures, each side in
 processes of its own (Keylime through ``--keylime-python``, its own virtual environment):
 

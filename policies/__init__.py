@@ -1,4 +1,4 @@
-"""What a device is allowed to be: runtime (IMA) policies, their signatures and their creation.
+"""Policies for devices: runtime (IMA) policies, their DSSE signatures and their creation.
 
 Evaluation returns findings (``evidence.findings.Finding``) and never a bare bool. Nothing here
 imports Flask or SQLAlchemy.

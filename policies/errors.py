@@ -1,9 +1,8 @@
 """Errors raised by the policies package.
 
 Every error carries a stable kebab-case ``code`` that tests assert and the web layer maps to an
-HTTP status, a plain ``message`` with the value seen and the value expected, and, where the
-input came from a named field, that ``field`` as a JSON path such as
-``digests["/usr/bin/bash"][0]``.
+HTTP status, and a plain ``message`` with the value seen and the value expected. Where the input
+came from a named field, ``field`` names it as a JSON path such as ``digests["/usr/bin/bash"][0]``.
 """
 
 from __future__ import annotations

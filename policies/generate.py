@@ -101,7 +101,7 @@ def policy_from_measurement_list(
     """Allow every file, key and buffer that a measured list shows, ``boot_aggregate`` included.
 
     Use a list taken from a device in a known-good state. Violations are left out. An
-    ``ima-buf`` entry whose buffer holds a key goes under ``keyrings[<name>]``, any other one
+    ``ima-buf`` entry whose buffer contains a key goes under ``keyrings[<name>]``, any other one
     under ``ima-buf[<name>]``.
     """
     if template_hash_algorithm not in LOG_HASH_ALGORITHMS:
@@ -137,11 +137,11 @@ def policy_from_donkeycar(
 ) -> GeneratedPolicy:
     """Create a policy for a DonkeyCar car and the installed ``donkeycar`` package.
 
-    From the car directory (made by ``donkey createcar``): its Python files and configuration
-    (``manage.py``, ``config.py``, ``myconfig.py``, ``train.py``, JSON and YAML files) and the
-    model files under ``models/`` that the drive loop loads (``.h5``, ``.tflite``, ``.onnx``,
-    ``.pth`` and the like, and every file inside a ``*.savedmodel`` directory). ``data/`` and
-    ``logs/`` are left out because the car writes them while it drives.
+    The car directory (made by ``donkey createcar``) gives its Python files and configuration:
+    ``manage.py``, ``config.py``, ``myconfig.py``, ``train.py``, JSON and YAML files. It also
+    gives the model files under ``models/`` that the drive loop loads: ``.h5``, ``.tflite``,
+    ``.onnx``, ``.pth`` and the like, and every file inside a ``*.savedmodel`` directory.
+    ``data/`` and ``logs/`` are left out because the car writes them while it drives.
 
     From the package: every file that its installation record lists, found through
     ``importlib.metadata`` without importing it, at the path it has here.

@@ -1,7 +1,7 @@
 """Verify IMA file signatures (signature format version 2).
 
 An ``ima-sig`` entry of an IMA measurement list carries the file's ``security.ima`` extended
-attribute when it holds a signature. The Linux kernel (``struct signature_v2_hdr`` in
+attribute when it contains a signature. The Linux kernel (``struct signature_v2_hdr`` in
 ``security/integrity/integrity.h``) and ima-evm-utils lay it out big-endian as:
 
 ====== ===================================================================
@@ -159,7 +159,7 @@ def load_verification_key(unverified_data: bytes, *, key_id: int | None = None) 
 
     The key id comes from ``key_id`` when it is given and not 0, else from the certificate's
     Subject Key Identifier, else from ``key_id_v2``. Raises PolicyError with code
-    ``ima-key-unsupported`` when the data holds no RSA or EC public key.
+    ``ima-key-unsupported`` when the data contains no RSA or EC public key.
     """
     public_key, subject_key_id = _load_public_key(unverified_data)
     if key_id:
@@ -170,7 +170,7 @@ def load_verification_key(unverified_data: bytes, *, key_id: int | None = None) 
 
 
 def try_load_buffer_key(unverified_buffer: bytes) -> VerificationKey | None:
-    """Return the key in an ``ima-buf`` buffer, or None if the buffer holds no key.
+    """Return the key in an ``ima-buf`` buffer, or None if the buffer contains no key.
 
     ``ima-buf`` entries named after a keyring carry the DER X.509 certificate (or DER public
     key) that the kernel loaded into that keyring. Raises PolicyError with code

@@ -5,9 +5,9 @@ must not do it per attestation or hold a copy per device. ``load_runtime_policy`
 ``RuntimePolicy`` per content hash from a bounded, thread-safe cache; devices that share a
 policy share that object.
 
-The content hash is the SHA-256 of the policy's canonical serialisation (the normalised
-document as JSON with sorted keys, no white space and ASCII escapes), so two files that differ
-only in formatting, key order, digest order or duplicate digests have one hash.
+The content hash is the SHA-256 of the policy's canonical serialisation: the normalised
+document as JSON with sorted keys, no white space and ASCII escapes. Two files that differ only
+in formatting, key order, digest order or duplicate digests therefore have one hash.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def load_runtime_policy_file(
 
 
 def cached_runtime_policy(content_hash: str, *, cache: PolicyCache | None = None) -> RuntimePolicy | None:
-    """Return the compiled policy with this content hash if the cache holds it."""
+    """Return the compiled policy with this content hash if the cache contains it."""
     return (DEFAULT_POLICY_CACHE if cache is None else cache).get(content_hash)
 
 

@@ -106,9 +106,9 @@ def empty_policy_document(generator: int = GENERATOR_EMPTY_ALLOWLIST) -> dict[st
 def normalize_policy_document(unverified_policy: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a runtime policy document and return it in canonical form.
 
-    The canonical form has exactly the eight keys; each digest list is sorted, without
-    duplicates and without algorithm prefixes; blank excludes are dropped; ignored keyrings
-    are sorted. Keys outside the format (at the top level or in ``meta`` and ``ima``) are
+    The canonical form has exactly the eight keys. Each digest list is sorted, without
+    duplicates and without algorithm prefixes. Blank excludes are dropped, and ignored
+    keyrings are sorted. Keys outside the format (at the top level or in ``meta`` and ``ima``) are
     dropped, as Keylime ignores them. The result may share digest lists with the input, so
     copy the input before changing it. Raises PolicyError naming the field at fault.
     """

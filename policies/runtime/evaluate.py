@@ -9,7 +9,7 @@ For each entry, in order:
 3. An entry whose path matches an exclude passes.
 4. ``ima`` and ``ima-ng``: the digest must be listed for the path.
 5. ``ima-sig``: a signature that verifies with a policy verification key or a learned key
-   passes the entry; otherwise the digest must be listed for the path.
+   passes the entry. Without one, the digest must be listed for the path.
 6. ``ima-buf`` whose buffer is a certificate or public key (named after a keyring): passes if
    the keyring is ignored, or if the digest is listed under ``keyrings[<name>]``, and then the
    key is learned for later ``ima-sig`` entries. Any other ``ima-buf`` (``kernel_version``...):
@@ -108,8 +108,8 @@ def evaluate(
     """Evaluate entries against a runtime policy and return the findings.
 
     ``boot_aggregates`` maps a digest algorithm (``sha1``, ``sha256``) to the boot aggregate
-    recomputed from the quoted PCRs. ``keyring_state`` holds keys learned from earlier entries
-    of the same boot; use ``evaluate_incremental`` to get the updated state back.
+    recomputed from the quoted PCRs. ``keyring_state`` contains the keys learned from earlier
+    entries of the same boot. ``evaluate_incremental`` also returns the updated state.
     """
     return evaluate_incremental(
         entries,

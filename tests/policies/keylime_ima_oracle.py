@@ -1,11 +1,11 @@
 """Run Keylime's own IMA check on a list and a runtime policy; used by the compatibility tests.
 
-Runs inside Keylime's virtual environment, never edgetrust's. Reads one JSON object on stdin:
-``{"lines": [...], "policy": {...}, "boot_aggregates": {alg: [hex]} | null}`` and writes
-``{"full": [event ids], "entries": [[event ids], ...]}``: the failure events of
-``keylime.ima.ima.process_measurement_list`` over the whole list, and over each line alone with
-one shared keyring object, which carries the keys learned from earlier ``ima-buf`` lines the way
-one whole-list call does. PCR 10 is not checked (``pcrval`` is None).
+Runs inside Keylime's virtual environment, never edgetrust's. It reads one JSON object on stdin,
+``{"lines": [...], "policy": {...}, "boot_aggregates": {alg: [hex]} | null}``, and writes
+``{"full": [event ids], "entries": [[event ids], ...]}``. ``full`` lists the failure events of
+``keylime.ima.ima.process_measurement_list`` over the whole list. ``entries`` lists them for each
+line alone, with one keyring object shared across the calls, so that keys learned from earlier
+``ima-buf`` lines verify later lines as in one whole-list call. PCR 10 is not checked.
 """
 
 import copy
