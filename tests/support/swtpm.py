@@ -9,6 +9,8 @@ with EK certificates. Each start with ``startup-clear`` increments the TPM's res
 Usage in a test module (skips the test when the swtpm binary is missing)::
 
     import pytest
+
+from device import emulator
     from tests.support.swtpm import SwtpmProcess
 
     @pytest.fixture
@@ -36,20 +38,15 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
 
-STARTUP_TIMEOUT_S = 5.0
-STOP_TIMEOUT_S = 5.0
-_START_ATTEMPTS = 5
+from device import emulator
 
 # Keeps ESYS from logging warnings for absent NV indexes that NVReadEK probes.
 os.environ.setdefault("TSS2_LOG", "all+none")
@@ -69,120 +66,20 @@ def require_tpm2_tools() -> None:
         pytest.skip("tpm2-tools is not installed (Debian package tpm2-tools)")
 
 
-def _free_port_pair() -> int:
-    """Return a port P such that P and P + 1 were both free on 127.0.0.1 a moment ago."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return int(port)
-    raise RuntimeError("no free pair of adjacent TCP ports on 127.0.0.1")
+class SwtpmProcess(emulator.SwtpmProcess):
+    """A ``swtpm socket --tpm2`` child process bound to 127.0.0.1, with test conveniences.
 
-
-class SwtpmProcess:
-    """A ``swtpm socket --tpm2`` child process bound to 127.0.0.1."""
-
-    def __init__(self, state_dir: Path | str, *, binary: str | None = None) -> None:
-        self.state_dir = Path(state_dir).resolve()
-        self._binary = binary
-        self._process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def ctrl_port(self) -> int:
-        return self.port + 1
-
-    @property
-    def tcti(self) -> str:
-        """TCTI configuration string for tpm2-pytss and tpm2-tools (``TPM2TOOLS_TCTI``)."""
-        return f"swtpm:host=127.0.0.1,port={self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+    The process handling lives in :class:`device.emulator.SwtpmProcess`; this subclass skips
+    the test when swtpm is missing and adds tpm2-tools and tpm2-pytss access.
+    """
 
     def start(self) -> SwtpmProcess:
-        """Start swtpm and wait until its server port accepts; retry on a port race."""
-        binary = self._binary or require_swtpm()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        last_error = ""
-        for _ in range(_START_ATTEMPTS):
-            self.port = _free_port_pair()
-            self._process = subprocess.Popen(
-                [
-                    binary, "socket", "--tpm2",
-                    "--tpmstate", f"dir={self.state_dir}",
-                    "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
-                    "--ctrl", f"type=tcp,port={self.ctrl_port},bindaddr=127.0.0.1",
-                    "--flags", "not-need-init,startup-clear",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            if self._wait_until_accepting():
-                return self
-            last_error = self._collect_failure()
-        raise RuntimeError(f"swtpm did not start after {_START_ATTEMPTS} attempts: {last_error}")
-
-    def _wait_until_accepting(self) -> bool:
-        assert self._process is not None
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                return False
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
-            ):
-                return True
-            time.sleep(0.005)
-        return False
-
-    def _collect_failure(self) -> str:
-        assert self._process is not None
-        if self._process.poll() is None:
-            self._process.kill()
-        _, stderr = self._process.communicate(timeout=STOP_TIMEOUT_S)
-        self._process = None
-        return stderr.decode(errors="replace").strip() or "no output"
-
-    def stop(self) -> None:
-        """Terminate swtpm and wait for it to exit; kill it if it does not exit in time."""
-        process = self._process
-        if process is None:
-            return
-        self._process = None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT_S)
-        if process.stderr is not None:
-            process.stderr.close()
-
-    def restart(self) -> None:
-        """Stop and start swtpm on the same state, as a device reboot (resetCount grows)."""
-        self.stop()
-        self.start()
+        require_swtpm()
+        super().start()
+        return self
 
     def __enter__(self) -> SwtpmProcess:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def tool_env(self) -> dict[str, str]:
         """Environment for tpm2-tools commands aimed at this swtpm."""
