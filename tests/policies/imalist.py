@@ -1,60 +1,44 @@
-"""Build small ASCII IMA measurement lists for the runtime policy tests.
+"""Single ASCII IMA list lines for the runtime policy tests, made with ``tests.support.ima``.
 
-Lines carry correct template hashes (SHA-1 over the template data, as the classic securityfs
-file shows), so both edgetrust's parser and Keylime's accept them.
+Each helper returns one line without its newline, with a correct SHA-1 template hash, so that
+edgetrust's parser and Keylime's both accept it and a test can mix lines freely.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Sequence
 
 from evidence.ima import ImaEntry, parse_ascii_lines
-
-VIOLATION_TEMPLATE_HASH = bytes(20)
-
-
-def _field(data: bytes) -> bytes:
-    return struct.pack("<I", len(data)) + data
+from tests.support.ima import BuiltEntry, ImaListBuilder
 
 
-def template_data(
-    template: str, algorithm: str, digest: bytes, name: str, extra: bytes | None = None
-) -> bytes:
-    """Return the template data the kernel hashes for an ima-ng, ima-sig or ima-buf entry."""
-    data = _field(algorithm.encode() + b":\0" + digest) + _field(name.encode() + b"\0")
-    if template in ("ima-sig", "ima-buf"):
-        data += _field(extra or b"")
-    return data
+def _line(entry: BuiltEntry) -> str:
+    return entry.ascii_line().decode("utf-8", "surrogateescape")
 
 
 def file_line(path: str, content: bytes, *, algorithm: str = "sha256") -> str:
     """Return an ima-ng line for a file with this content."""
-    return ng_line(path, hashlib.new(algorithm, content).digest(), algorithm=algorithm)
+    return _line(ImaListBuilder().ima_ng(path, content, algorithm=algorithm))
 
 
 def ng_line(path: str, digest: bytes, *, algorithm: str = "sha256") -> str:
-    data = template_data("ima-ng", algorithm, digest, path)
-    return f"10 {hashlib.sha1(data).hexdigest()} ima-ng {algorithm}:{digest.hex()} {path}"
+    """Return an ima-ng line with this file digest."""
+    return _line(ImaListBuilder().ima_ng(path, algorithm=algorithm, digest=digest))
 
 
 def sig_line(path: str, digest: bytes, signature: bytes, *, algorithm: str = "sha256") -> str:
     """Return an ima-sig line; an empty signature leaves the trailing space, as the kernel does."""
-    data = template_data("ima-sig", algorithm, digest, path, signature)
-    return f"10 {hashlib.sha1(data).hexdigest()} ima-sig {algorithm}:{digest.hex()} {path} {signature.hex()}"
+    return _line(ImaListBuilder().ima_sig(path, signature=signature, algorithm=algorithm, digest=digest))
 
 
 def buf_line(name: str, buffer: bytes, *, algorithm: str = "sha256") -> str:
     """Return an ima-buf line whose digest is the hash of the buffer."""
-    digest = hashlib.new(algorithm, buffer).digest()
-    data = template_data("ima-buf", algorithm, digest, name, buffer)
-    return f"10 {hashlib.sha1(data).hexdigest()} ima-buf {algorithm}:{digest.hex()} {name} {buffer.hex()}"
+    return _line(ImaListBuilder().ima_buf(name, buffer, algorithm=algorithm))
 
 
 def violation_line(path: str) -> str:
     """Return an ima-ng violation line: template hash and file digest all zeros."""
-    return f"10 {VIOLATION_TEMPLATE_HASH.hex()} ima-ng sha1:{bytes(20).hex()} {path}"
+    return _line(ImaListBuilder().violation(path, algorithm="sha1"))
 
 
 def parse(lines: Sequence[str], start_index: int = 0) -> tuple[ImaEntry, ...]:

@@ -189,3 +189,24 @@ def test_truncated_digest_is_invalid_not_a_crash() -> None:
         verify_ima_signature(parsed, DIGEST[:20], "sha256", key)
 
     assert caught.value.code == "ima-signature-invalid"
+
+
+@pytest.mark.parametrize("make_key", [ec_key, rsa_key])
+def test_key_id_agrees_with_test_builder(make_key: object) -> None:
+    # tests.support.ima computes the key id another way: the X.509 SKID method of RFC 5280.
+    from tests.support.ima import key_id_of
+
+    public_key = make_key().public_key()  # type: ignore[operator]
+
+    assert key_id_v2(public_key).to_bytes(4, "big") == key_id_of(public_key)
+
+
+def test_builder_signature_verifies() -> None:
+    from tests.support.ima import sign_file_digest
+
+    private = ec_key()
+    key = load_verification_key(spki_der(private))
+
+    verify_ima_signature(
+        parse_ima_signature(sign_file_digest(private, "sha256", DIGEST)), DIGEST, "sha256", key
+    )
