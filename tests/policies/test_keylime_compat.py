@@ -345,3 +345,19 @@ def test_envelope_signed_here_verifies_in_keylime(tmp_path: Path, fixtures_dir: 
 
     assert completed.returncode == 0, completed.stderr.decode()[-2000:]
     assert completed.stdout == payload
+
+
+def test_keylime_unknown_algorithm_log_is_rejected_by_both(fixtures_dir: Path) -> None:
+    # The template-hash column has 32 bytes while the policy's log_hash_alg is sha1.
+    from evidence.errors import EvidenceError
+
+    lines = (fixtures_dir / "ima" / "keylime-ima-log-unknown").read_text().splitlines()
+    document = json.loads((fixtures_dir / "policy" / "keylime-policy-unknown.json").read_text())
+    policy = parse_runtime_policy(document)
+
+    keylime = run_keylime(lines, document)
+    with pytest.raises(EvidenceError) as caught:
+        parse_ascii_lines(lines, template_hash_algorithm=policy.log_hash_alg)
+
+    assert keylime["full"] == ["ima.validation.ima_hash", "ima.validation.ima_hash"]
+    assert "template hash" in caught.value.message
