@@ -14,6 +14,13 @@ Public API::
     evaluate_incremental(...) -> RuntimeEvaluation   # findings and the next KeyringState
     import_allowlist(unverified_text: str, *, excludes: str | None = None) -> dict[str, Any]
     parse_exclude_list(unverified_text: str) -> list[str]
+
+Finding codes of ``evaluate`` (ERROR unless noted): ``ima-digest-not-allowed``,
+``ima-path-not-in-policy``, ``ima-signature-invalid`` (WARNING when the digest is listed),
+``ima-signature-key-unknown``, ``ima-buf-not-allowed``, ``ima-buf-digest-mismatch``,
+``ima-keyring-key-not-allowed``, ``ima-keyring-key-unsupported``, ``ima-violation`` (WARNING
+with ``allow_violations``), ``ima-boot-aggregate-mismatch`` and ``ima-template-unsupported``.
+Each finding's context names the entry ``index``, ``path``, ``digest`` and ``template``.
 """
 
 from policies.runtime.compiled import (
