@@ -23,6 +23,7 @@ from evidence.ima.boot_aggregate import (
     check_boot_aggregate,
     compute_boot_aggregate,
 )
+from evidence.ima.checks import check_buffer_digests, check_template_hashes, describe_entries
 from evidence.ima.entry import (
     BOOT_AGGREGATE_NAME,
     IMA_PCR,
@@ -35,16 +36,7 @@ from evidence.ima.entry import (
     ImaMeasurementList,
 )
 from evidence.ima.reader import ImaListReader, read_ascii_list
-from evidence.ima.replay import (
-    ImaReplayState,
-    ImaVerification,
-    check_buffer_digests,
-    check_template_hashes,
-    describe_entries,
-    extend_value,
-    replay_pcr10,
-    verify_measurement_list,
-)
+from evidence.ima.replay import ImaReplayState, extend_value, replay_pcr10
 from evidence.ima.signatures import (
     ImaSignature,
     ima_key_id,
@@ -52,6 +44,7 @@ from evidence.ima.signatures import (
     verify_entry_signature,
     verify_ima_signature,
 )
+from evidence.ima.verification import ImaVerification, verify_measurement_list
 
 __all__ = [
     "BANK_DIGEST_SIZES",
