@@ -82,24 +82,89 @@ def test_check_catches_tampered_template_hash(tmp_path: Path) -> None:
     assert "ima-template-hash-mismatch" in output
 
 
-def test_check_with_eventlog_is_not_supported_yet(
-    tmp_path: Path, agent_list: Path, fixtures_dir: Path
+@pytest.fixture
+def secureboot_log(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "eventlog" / "keylime-binary_bios_measurements-secureboot"
+
+
+@pytest.fixture
+def mb_policy(tmp_path: Path, secureboot_log: Path) -> Path:
+    from evidence.eventlog import parse_event_log
+    from policies.measured_boot_generate import create_measured_boot_policy
+
+    path = tmp_path / "mb-policy.json"
+    path.write_text(json.dumps(create_measured_boot_policy(parse_event_log(secureboot_log.read_bytes()))))
+    return path
+
+
+def test_check_with_event_log_passes(
+    tmp_path: Path, agent_list: Path, secureboot_log: Path, mb_policy: Path
 ) -> None:
     policy = tmp_path / "policy.json"
     run("create", "runtime", "--from-ima-list", agent_list, "-o", policy)
 
-    code, _, error = run(
+    code, output, _ = run(
         "check",
         "--policy",
         policy,
         "--ima-list",
         agent_list,
         "--eventlog",
-        fixtures_dir / "eventlog" / "rust-keylime-uefi_log.bin",
+        secureboot_log,
+        "--mb-policy",
+        mb_policy,
+    )
+
+    assert code == 0
+    assert "0 findings" in output
+
+
+def test_check_with_other_event_log_fails(
+    tmp_path: Path, agent_list: Path, fixtures_dir: Path, mb_policy: Path
+) -> None:
+    policy = tmp_path / "policy.json"
+    run("create", "runtime", "--from-ima-list", agent_list, "-o", policy)
+    other_log = fixtures_dir / "eventlog" / "keylime-binary_bios_measurements"
+
+    code, output, _ = run(
+        "check",
+        "--policy",
+        policy,
+        "--ima-list",
+        agent_list,
+        "--eventlog",
+        other_log,
+        "--mb-policy",
+        mb_policy,
+    )
+
+    assert code == 1
+    assert "mb-" in output
+
+
+def test_check_event_log_needs_mb_policy(tmp_path: Path, agent_list: Path, secureboot_log: Path) -> None:
+    policy = tmp_path / "policy.json"
+    run("create", "runtime", "--from-ima-list", agent_list, "-o", policy)
+
+    code, _, error = run("check", "--policy", policy, "--ima-list", agent_list, "--eventlog", secureboot_log)
+
+    assert code == 2
+    assert "--mb-policy" in error
+
+
+def test_check_unparsable_event_log_is_one_line_error(
+    tmp_path: Path, agent_list: Path, fixtures_dir: Path, mb_policy: Path
+) -> None:
+    policy = tmp_path / "policy.json"
+    run("create", "runtime", "--from-ima-list", agent_list, "-o", policy)
+    bogus = fixtures_dir / "eventlog" / "keylime-binary_bios_measurements-bogus"
+
+    code, _, error = run(
+        "check", "--policy", policy, "--ima-list", agent_list, "--eventlog", bogus, "--mb-policy", mb_policy
     )
 
     assert code == 2
-    assert "not supported yet" in error
+    assert error.count("\n") == 1
 
 
 def test_check_bad_policy_is_one_line_error(tmp_path: Path, agent_list: Path) -> None:
