@@ -105,7 +105,7 @@ def enroll_all(base_url: str, devices: list[SoftwareDevice], clients: int) -> Ru
                                 timeout=60)
         ok = response.status_code == 200
         if ok:
-            tag = device.answer(response.json()["results"]["blob"], device_id)
+            tag = device.auth_tag_for(response.json()["results"]["blob"], device_id)
             response = session.put(f"{base_url}/v2.3/agents/{device_id}",
                                    json={"auth_tag": tag}, timeout=60)
             ok = response.status_code == 200

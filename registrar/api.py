@@ -1,7 +1,7 @@
 """Keylime registrar REST API (v2.1-2.5): enrollment routes and the admin routes.
 
-Every request is parsed here into typed objects before ``RegistrarService`` sees it, and every
-malformed field is rejected with a 4xx error naming it. Responses use Keylime's envelope
+Every request is parsed here into typed objects before it reaches ``RegistrarService``, and
+every malformed field is rejected with a 4xx error naming it. Responses use Keylime's envelope
 ``{"code", "status", "results"}``.
 """
 
@@ -159,7 +159,7 @@ def _b64(data: bytes | None) -> str | None:
 
 
 def parse_registration(device_id: str, unverified: Mapping[str, Any]) -> RegistrationRequest:
-    """Parse the JSON body of ``POST /v2.x/agents/{uuid}``; raise a 4xx error naming the field.
+    """Parse the JSON body of ``POST /v2.x/agents/{uuid}``, or raise a 4xx error naming the field.
 
     Fields other than the ones below are ignored, as Keylime does. ``iak_attest`` and
     ``iak_sign`` are checked for valid base64 only, because the registrar does not verify the
@@ -201,7 +201,7 @@ def parse_registration(device_id: str, unverified: Mapping[str, Any]) -> Registr
 
 
 def parse_auth_tag(unverified: Mapping[str, Any]) -> bytes:
-    """Return the auth_tag field as lowercase hex ASCII bytes; raise if it is not 96 hex digits."""
+    """Return the auth_tag field as lowercase hex ASCII bytes, or raise unless it is 96 hex digits."""
     text = require_str(unverified, "auth_tag")
     assert text is not None
     if not _AUTH_TAG_PATTERN.fullmatch(text):
@@ -215,7 +215,7 @@ def parse_auth_tag(unverified: Mapping[str, Any]) -> bytes:
 
 
 def _optional_text(unverified: Mapping[str, Any], field: str) -> str | None:
-    """Return a string field; JSON null and "" count as absent, as some agents send them."""
+    """Return a string field. JSON null and "" count as absent, because some agents send them."""
     text = require_str(unverified, field, optional=True)
     return text or None
 
@@ -258,7 +258,7 @@ def _ek_certificate(unverified: Mapping[str, Any]) -> EkCertificate | None:
 
 
 def _certificate_der(unverified: Mapping[str, Any], field: str) -> bytes | None:
-    """Parse an X.509 certificate sent as base64 DER or PEM text; return its DER."""
+    """Parse an X.509 certificate sent as base64 DER or PEM text and return its DER."""
     text = _optional_text(unverified, field)
     if text is None:
         return None

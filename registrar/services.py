@@ -13,13 +13,14 @@ Registration (``RegistrarService.register``) checks, in this order:
 5. TPM2_MakeCredential wraps a fresh secret for the EK and the AK's name.
 
 Activation compares the device's ``auth_tag`` with HMAC-SHA384(key = base64 of the secret,
-message = device id), as Keylime 7.14 and rust-keylime compute it. On success the device is
+message = device id), as Keylime's registrar (``keylime/tpm/tpm_main.py``) and rust-keylime's
+agent compute it. On success the device is
 active, the secret is erased and the contact details of that registration take effect.
 
 Registering the same identity again issues a new challenge and counts the registration. An
 active device stays active meanwhile, as in Keylime: its AK was already proven to live with its
 EK, and the request carries only public keys, so anyone could send it. Because anyone could,
-the new ip, port and mtls_cert wait until the device answers the new challenge.
+the new ip, port and mtls_cert wait until the device completes the new challenge.
 
 A challenge is voided after ``MAX_FAILED_ACTIVATIONS`` wrong auth_tags, and the device must
 register again. An agent derives the tag from the secret its TPM released, so it sends a wrong
@@ -76,7 +77,8 @@ from registrar.models import DEVICE_ID_MAX_LENGTH, RegisteredDevice
 log = logging.getLogger(__name__)
 
 MAX_FAILED_ACTIVATIONS: Final = 3
-# Keylime's registrar wraps 32 random letters and digits (keylime.tpm.tpm_util.random_password).
+# Keylime's registrar wraps a 32-character random password (Tpm.encrypt_aik_with_ek).
+# edgetrust wraps 32 random letters and digits, so the secret is printable ASCII as well.
 SECRET_LENGTH: Final = 32
 _SECRET_ALPHABET: Final = string.ascii_letters + string.digits
 
@@ -109,7 +111,7 @@ def error_in_field(error: EvidenceError, field: str) -> EvidenceError:
 
 @dataclass(frozen=True)
 class ContactDetails:
-    """How the verifier reaches the agent: address, port and mTLS certificate (PEM or "disabled")."""
+    """Contact details of an agent: address, port and mTLS certificate (PEM or "disabled")."""
 
     ip: str | None = None
     port: int | None = None
@@ -176,7 +178,7 @@ class DeviceIdentity:
 
 @dataclass(frozen=True)
 class DeviceRecord:
-    """What the registrar serves about an active device (Keylime's GET /agents/{uuid})."""
+    """An active device as the registrar serves it (Keylime's GET /agents/{uuid})."""
 
     device_id: str
     aik_tpm: bytes
@@ -251,7 +253,7 @@ class RegistrarService:
         return credential
 
     def _verify_keys(self, request: RegistrationRequest) -> PublicArea:
-        """Run steps 1-3 of registration; return the EK public area to make the credential for."""
+        """Run steps 1-3 of registration and return the EK public area for the credential."""
         # 1. The AK can only sign what the TPM itself produced and never leaves the TPM.
         try:
             check_ak_attributes(request.unverified_aik, self._ak_allowed_algorithms)
@@ -281,7 +283,7 @@ class RegistrarService:
         return ek if ek is not None else ek_public_area_from_certificate(ekcert)
 
     def _store_registration(self, request: RegistrationRequest, secret: bytes) -> int:
-        """Run step 4 and store the challenge; return the device's registration count.
+        """Run step 4, store the challenge and return the device's registration count.
 
         Two registrations of a new device id can both find no row and insert. The unique
         constraint rejects the second, which then retries once and finds the first one's row.
@@ -368,7 +370,7 @@ class RegistrarService:
     # --- Activation ---
 
     def activate(self, device_id: str, unverified_auth_tag: bytes) -> None:
-        """Accept the device's answer to its pending credential challenge.
+        """Check the auth_tag against the pending credential challenge and activate the device.
 
         Raises DeviceNotFound, ChallengeNotPending, or ActivationFailed for a wrong tag.
         A wrong tag is counted and stored before ActivationFailed is raised.
@@ -428,11 +430,11 @@ class RegistrarService:
             # Only a concurrent registration on SQLite, which has no row locks, gets here.
             raise ChallengeNotPending(
                 f"a newer registration of device {device.device_id!r} replaced the challenge "
-                "this auth_tag answers; activate with the newer challenge",
+                "that this auth_tag was computed for; activate with the newer challenge",
             )
 
     def _count_failure(self, session: Session, device: RegisteredDevice, secret: bytes) -> bool:
-        """Count a wrong auth_tag; void the challenge at the limit. Return whether it was voided."""
+        """Count a wrong auth_tag and void the challenge at the limit. Return whether it was voided."""
         this_challenge = (
             RegisteredDevice.id == device.id,
             RegisteredDevice.challenge_secret == secret,
@@ -470,7 +472,7 @@ class RegistrarService:
             )
 
     def get_active_device(self, device_id: str) -> DeviceRecord:
-        """Return an active device; raise DeviceNotFound if it is unknown or not yet active."""
+        """Return an active device, or raise DeviceNotFound if it is unknown or not yet active."""
         with self._sessions() as session:
             device = session.scalars(
                 select(RegisteredDevice).where(RegisteredDevice.device_id == device_id)
@@ -494,7 +496,7 @@ class RegistrarService:
             )
 
     def delete_device(self, device_id: str) -> None:
-        """Delete a device so that it can enroll again; raise DeviceNotFound if unknown."""
+        """Delete a device so that it can enroll again. Raise DeviceNotFound if it is unknown."""
         with transaction(self._sessions) as session:
             result = session.execute(
                 delete(RegisteredDevice).where(RegisteredDevice.device_id == device_id)

@@ -2,7 +2,7 @@
 test CAs, and ActivateCredential computed with the EK's private key.
 
 The software ActivateCredential mirrors what a TPM does (TPM 2.0 Part 1, "Credential
-Protection"), so API tests can answer the challenge without swtpm. The swtpm tests check the
+Protection"), so API tests can complete the challenge without swtpm. The swtpm tests check the
 same flow against a real TPM.
 """
 
@@ -185,7 +185,7 @@ class SoftwareDevice:
         body.update(overrides)
         return {key: value for key, value in body.items() if value is not None}
 
-    def answer(self, blob_b64: str, device_id: str) -> str:
+    def auth_tag_for(self, blob_b64: str, device_id: str) -> str:
         """Activate the credential in software and return the auth_tag."""
         secret = activate_credential(self.ek_key, self.ek_tpm, self.aik_tpm,
                                      base64.b64decode(blob_b64))

@@ -70,7 +70,7 @@ def swtpm_registrar(migrated_engine: Engine, provisioned: Provisioned,
 
 @dataclass(frozen=True)
 class EkCase:
-    template: str  # TCG EK template name as tpm2-pytss knows it
+    template: str  # TCG EK template name in tpm2-pytss (create_ek_template)
     ak_kind: str  # key of tests.support.swtpm.AK_TEMPLATES
     certificate_file: str | None  # attribute of ProvisionedTpm; None: test_ca issues one
 

@@ -42,7 +42,7 @@ def register_ok(registrar: Registrar, device: SoftwareDevice, device_id: str = D
 def enroll(registrar: Registrar, device: SoftwareDevice, device_id: str = DEVICE_ID,
            **overrides: Any) -> None:
     blob = register_ok(registrar, device, device_id, **overrides)
-    response = registrar.activate(device_id, device.answer(blob, device_id))
+    response = registrar.activate(device_id, device.auth_tag_for(blob, device_id))
     assert response.status_code == 200, response.text
 
 
@@ -78,7 +78,7 @@ def test_enrollment_on_each_api_version(registrar: Registrar, ek_cas: EkCas, ver
     response = registrar.register(DEVICE_ID, device.body(), version=version)
 
     assert response.status_code == 200
-    tag = device.answer(response.json()["results"]["blob"], DEVICE_ID)
+    tag = device.auth_tag_for(response.json()["results"]["blob"], DEVICE_ID)
     assert registrar.activate(DEVICE_ID, tag).status_code == 200
     assert registrar.row(DEVICE_ID).active is True
 
@@ -128,7 +128,7 @@ def test_activation_via_post_activate(registrar: Registrar, ek_cas: EkCas) -> No
     device = SoftwareDevice.create(ek_cas.issuer)
     blob = register_ok(registrar, device)
 
-    response = registrar.activate(DEVICE_ID, device.answer(blob, DEVICE_ID), via_put=False)
+    response = registrar.activate(DEVICE_ID, device.auth_tag_for(blob, DEVICE_ID), via_put=False)
 
     assert response.status_code == 200
     assert response.json() == {"code": 200, "status": "Success", "results": {}}
@@ -139,7 +139,7 @@ def test_activation_accepts_uppercase_tag(registrar: Registrar, ek_cas: EkCas) -
     device = SoftwareDevice.create(ek_cas.issuer)
     blob = register_ok(registrar, device)
 
-    response = registrar.activate(DEVICE_ID, device.answer(blob, DEVICE_ID).upper())
+    response = registrar.activate(DEVICE_ID, device.auth_tag_for(blob, DEVICE_ID).upper())
 
     assert response.status_code == 200
 
@@ -416,19 +416,19 @@ def test_same_identity_gets_new_challenge(registrar: Registrar, ek_cas: EkCas) -
     served = registrar.get(f"/v2.3/agents/{DEVICE_ID}").json()["results"]
     assert (served["ip"], served["port"], served["regcount"]) == ("192.0.2.1", 9002, 2)
 
-    assert registrar.activate(DEVICE_ID, device.answer(blob, DEVICE_ID)).status_code == 200
+    assert registrar.activate(DEVICE_ID, device.auth_tag_for(blob, DEVICE_ID)).status_code == 200
 
     served = registrar.get(f"/v2.3/agents/{DEVICE_ID}").json()["results"]
     assert (served["ip"], served["port"]) == ("192.0.2.2", 9003)
     assert registrar.row(DEVICE_ID).challenge_secret is None
 
 
-def test_older_challenge_answer_rejected(registrar: Registrar, ek_cas: EkCas) -> None:
+def test_older_challenge_tag_rejected(registrar: Registrar, ek_cas: EkCas) -> None:
     device = SoftwareDevice.create(ek_cas.issuer)
     first_blob = register_ok(registrar, device)
     register_ok(registrar, device)
 
-    response = registrar.activate(DEVICE_ID, device.answer(first_blob, DEVICE_ID))
+    response = registrar.activate(DEVICE_ID, device.auth_tag_for(first_blob, DEVICE_ID))
 
     assert_rejected(registrar, response, 403, "activation-failed", "auth_tag")
     assert registrar.row(DEVICE_ID).active is False
@@ -460,7 +460,7 @@ def test_challenge_void_after_three_wrong_tags(registrar: Registrar, ek_cas: EkC
         error = assert_rejected(registrar, response, 403, "activation-failed")
         assert ("void" in error["message"]) == (attempt == 3)
 
-    response = registrar.activate(DEVICE_ID, device.answer(blob, DEVICE_ID))
+    response = registrar.activate(DEVICE_ID, device.auth_tag_for(blob, DEVICE_ID))
 
     assert_rejected(registrar, response, 409, "challenge-not-pending")
     row = registrar.row(DEVICE_ID)
@@ -496,7 +496,7 @@ def test_activation_unknown_device(registrar: Registrar) -> None:
 def test_activation_without_challenge(registrar: Registrar, ek_cas: EkCas) -> None:
     device = SoftwareDevice.create(ek_cas.issuer)
     blob = register_ok(registrar, device)
-    tag = device.answer(blob, DEVICE_ID)
+    tag = device.auth_tag_for(blob, DEVICE_ID)
     assert registrar.activate(DEVICE_ID, tag).status_code == 200
 
     response = registrar.activate(DEVICE_ID, tag)
@@ -512,7 +512,7 @@ def test_secret_never_logged(registrar: Registrar, ek_cas: EkCas,
         blob = register_ok(registrar, device)
         secret = registrar.row(DEVICE_ID).challenge_secret
         registrar.activate(DEVICE_ID, "ab" * 48)
-        registrar.activate(DEVICE_ID, device.answer(blob, DEVICE_ID))
+        registrar.activate(DEVICE_ID, device.auth_tag_for(blob, DEVICE_ID))
 
     assert secret
     for record in caplog.records:
@@ -535,7 +535,7 @@ def test_device_hidden_until_activated(registrar: Registrar, ek_cas: EkCas) -> N
     error = assert_rejected(registrar, response, 404, "device-not-found")
     assert "not activated" in error["message"]
 
-    registrar.activate(DEVICE_ID, device.answer(blob, DEVICE_ID))
+    registrar.activate(DEVICE_ID, device.auth_tag_for(blob, DEVICE_ID))
     assert registrar.get(f"/v2.3/agents/{DEVICE_ID}").status_code == 200
 
 
