@@ -24,7 +24,8 @@ stable code:
 4. Runtime policy: the entries that the quote covers and that were not verified before are
    evaluated against the runtime policy (``policies.runtime.evaluate_incremental``).
 5. UEFI event log, when the device sent one or a measured-boot policy applies: it replays to
-   the quoted PCRs (``evidence.eventlog.verify_event_log``), then the measured-boot policy.
+   the quoted PCRs (``evidence.eventlog.verify_event_log``), then the measured-boot policy
+   evaluates it (``policies.measured_boot.evaluate_measured_boot``).
 6. PCR policy: each PCR it names was quoted with one of the values it allows
    (``policies.pcr.evaluate_pcrs``).
 7. Verdict: untrusted on any error finding, unknown on an inconclusive finding, else trusted
@@ -38,13 +39,13 @@ or the device reboots.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Final, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from evidence.errors import ImaParseError, ParseError
-from evidence.eventlog import EventLog, parse_event_log, verify_event_log
+from evidence.eventlog import parse_event_log, verify_event_log
 from evidence.findings import Finding, Severity, is_failure
 from evidence.ima import (
     BOOT_AGGREGATE_NAME,
@@ -65,6 +66,7 @@ from evidence.tpm import (
     parse_keylime_quote,
     parse_tpms_attest,
 )
+from policies.measured_boot import MeasuredBootPolicy, evaluate_measured_boot
 from policies.pcr import PcrPolicy, evaluate_pcrs
 from policies.runtime import EMPTY_KEYRING_STATE, RuntimePolicy, evaluate_incremental
 from verifier.state import BootSession, DeviceState
@@ -88,10 +90,9 @@ IMA_LIST_RESTART_NEEDED: Final = "ima-list-restart-needed"
 IMA_LIST_REPLAYED_FROM_START: Final = "ima-list-replayed-from-start"
 IMA_BOOT_AGGREGATE_NOT_CHECKED: Final = "ima-boot-aggregate-not-checked"
 EVENTLOG_MISSING: Final = "eventlog-missing"
-MB_POLICY_NOT_EVALUATED: Final = "mb-policy-not-evaluated"
 
 # Findings that make a verdict unknown rather than trusted: the evidence could not be judged.
-INCONCLUSIVE_CODES: Final = frozenset({IMA_LIST_RESTART_NEEDED, MB_POLICY_NOT_EVALUATED})
+INCONCLUSIVE_CODES: Final = frozenset({IMA_LIST_RESTART_NEEDED})
 
 # PCR that the Keylime agent always adds to a quote (it carries the payload key).
 KEYLIME_AGENT_PCR: Final = 16
@@ -142,27 +143,6 @@ class Enrollment:
     ak: PublicArea
     ak_qualified_name: bytes | None = None
     """qualifiedSigner that the AK's quotes carry; None when the EK public area is unknown."""
-
-
-class MeasuredBootPolicy(Protocol):
-    """A measured-boot policy: findings for an event log that replayed to the quoted PCRs."""
-
-    def evaluate(self, log: EventLog, quoted_pcrs: Mapping[str, Mapping[int, bytes]]) -> list[Finding]: ...
-
-
-class UnsupportedMeasuredBootPolicy:
-    """Stands in for a measured-boot policy that this verifier cannot evaluate yet.
-
-    TODO: replace with the measured-boot policy evaluation of ``policies`` once it exists;
-    until then every device with a measured-boot policy is unknown, never trusted.
-    """
-
-    def evaluate(self, log: EventLog, quoted_pcrs: Mapping[str, Mapping[int, bytes]]) -> list[Finding]:
-        return [Finding(
-            MB_POLICY_NOT_EVALUATED, Severity.WARNING,
-            "the event log replayed to the quoted PCRs, but this verifier cannot evaluate "
-            "measured-boot policies yet, so the verdict is unknown",
-        )]
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,7 +526,8 @@ def _check_event_log(
     findings = verify_event_log(unverified_log, pcrs)
     run.extend(findings)
     if policy is not None and not is_failure(findings):
-        run.extend(policy.policy.evaluate(unverified_log, pcrs))
+        quoted = {index for values in pcrs.values() for index in values}
+        run.extend(evaluate_measured_boot(policy.policy, unverified_log, quoted_pcrs=quoted))
 
 
 def _error(code: str, message: str, **context: Any) -> Finding:

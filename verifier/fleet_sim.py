@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime as dt
 import functools
 import hashlib
@@ -46,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from evidence.eventlog import parse_event_log, replay_event_log
 from evidence.ima import compute_boot_aggregate
 from evidence.tpm import (
     TPM_GENERATED_VALUE,
@@ -158,6 +160,14 @@ class SoftwareTpm:
         self.ak_public = parse_tpm2b_public(self.ak_tpm)
         self.qualified_name = ak_qualified_name(self.ek_public, self.ak_public)
 
+    def set_pcrs(self, values: Mapping[str, Mapping[int, bytes]]) -> None:
+        """Set PCR values directly, as firmware leaves them (a software TPM may skip extends)."""
+        with self._lock:
+            for bank, pcrs in values.items():
+                if bank in self.pcrs:
+                    for index, value in pcrs.items():
+                        self.pcrs[bank][index] = value
+
     def read(self, bank: str, pcrs: Iterable[int]) -> dict[int, bytes]:
         with self._lock:
             return {index: self.pcrs[bank][index] for index in pcrs}
@@ -221,7 +231,8 @@ class SimulatedDevice:
     ``files`` maps a path to the SHA-256 of its content; ``boot`` measures each of them once.
     ``entries_per_quote`` files from ``files`` are measured again before each quote, and
     ``entries_after_quote`` after the quote but before the list is read, which is how a real
-    list gets ahead of the quote.
+    list gets ahead of the quote. With ``event_log`` (a binary UEFI event log) the PCRs of
+    each boot are that log's replay, and quotes that cover PCR 0 carry the log.
     """
 
     device_id: str
@@ -232,11 +243,13 @@ class SimulatedDevice:
     reachable: bool = True
     freeze_pcr10: bool = False
     """Stop extending PCR 10 while the list keeps growing (an attack the progress check finds)."""
+    event_log: bytes | None = None
     port: int = 0
     tpm: SoftwareTpm = field(init=False)
     ima_lines: list[str] = field(init=False, default_factory=list)
     quotes_served: int = 0
     last_request: dict[str, str] = field(default_factory=dict)
+    requests: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tpm = SoftwareTpm((self.bank,))
@@ -248,8 +261,11 @@ class SimulatedDevice:
         """Measure firmware into PCR 0-9, log the boot_aggregate, then measure every file."""
         with self._lock:
             self.ima_lines = []
-        for index, measurement in enumerate(_FIRMWARE_MEASUREMENTS):
-            self.tpm.extend(index, measurement)
+        if self.event_log is not None:
+            self.tpm.set_pcrs(replay_event_log(parse_event_log(self.event_log)))
+        else:
+            for index, measurement in enumerate(_FIRMWARE_MEASUREMENTS):
+                self.tpm.extend(index, measurement)
         aggregate = compute_boot_aggregate("sha256", self.tpm.read("sha256", range(10))) \
             if "sha256" in self.tpm.banks else bytes(32)
         self._log("boot_aggregate", aggregate)
@@ -286,6 +302,7 @@ class SimulatedDevice:
     def answer_quote(self, query: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
         """Answer ``GET /v2.x/quotes/integrity`` as a Keylime agent; return status and body."""
         self.last_request = dict(query)
+        self.requests.append(dict(query))
         try:
             nonce = query["nonce"]
             mask = int(query["mask"], 16)
@@ -309,6 +326,8 @@ class SimulatedDevice:
             "ima_measurement_list": text,
             "ima_measurement_list_entry": start,
         }
+        if self.event_log is not None and 0 in pcrs:
+            results["mb_measurement_list"] = base64.b64encode(self.event_log).decode("ascii")
         return 200, {"code": 200, "status": "Success", "results": results}
 
 

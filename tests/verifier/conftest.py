@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import string
@@ -78,6 +79,9 @@ class Attester:
             hash_alg=results["hash_alg"],
             ima_measurement_list=results.get("ima_measurement_list"),
             ima_start_index=results.get("ima_measurement_list_entry", 0),
+            mb_measurement_list=(
+                base64.b64decode(results["mb_measurement_list"]) if "mb_measurement_list" in results else None
+            ),
         )
         result = verify(
             evidence,

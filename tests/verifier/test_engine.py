@@ -12,10 +12,14 @@ import json
 import secrets
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from evidence.eventlog import parse_event_log
 from evidence.findings import Severity
 from evidence.tpm import (
     ClockInfo,
@@ -24,6 +28,8 @@ from evidence.tpm import (
     parse_keylime_quote,
     parse_tpmt_signature,
 )
+from policies.measured_boot import MeasuredBootPolicy, parse_measured_boot_policy
+from policies.measured_boot_generate import create_measured_boot_policy
 from policies.pcr import parse_pcr_policy
 from tests.verifier.conftest import (
     POLL_INTERVAL,
@@ -38,9 +44,7 @@ from verifier.engine import (
     EngineOptions,
     Evidence,
     Loaded,
-    MeasuredBootPolicy,
     PolicySet,
-    UnsupportedMeasuredBootPolicy,
     verify,
 )
 from verifier.fleet_sim import SimulatedDevice, SoftwareTpm
@@ -388,10 +392,56 @@ def test_engine_replays_list_sent_from_start(attester: Attester, device: Simulat
 # --- event log, PCR policy ---------------------------------------------------------------------
 
 
-def test_engine_requires_event_log_for_measured_boot_policy(attester: Attester) -> None:
-    applied = AppliedPolicy("measured-boot", "mb", 1, "0" * 64)
-    measured_boot: Loaded[MeasuredBootPolicy] = Loaded(applied, UnsupportedMeasuredBootPolicy())
-    attester.policies = replace(attester.policies, measured_boot=measured_boot)
+@pytest.fixture(scope="module")
+def boot_log(fixtures_dir: Path) -> bytes:
+    return (fixtures_dir / "eventlog" / "keylime-binary_bios_measurements-secureboot").read_bytes()
+
+
+def measured_boot(document: dict[str, Any]) -> Loaded[MeasuredBootPolicy]:
+    policy = parse_measured_boot_policy(document)
+    return Loaded(AppliedPolicy("measured-boot", "uefi", 1, policy.content_hash), policy)
+
+
+def test_engine_passes_measured_boot_policy(boot_log: bytes, files: dict[str, bytes]) -> None:
+    device = SimulatedDevice("device-mb", files=dict(files), event_log=boot_log)
+    document = create_measured_boot_policy(parse_event_log(boot_log))
+    attester = Attester(device, replace(runtime_policies(files), measured_boot=measured_boot(document)))
+
+    challenge, _ = attester.request()
+    result = attester.attest()
+
+    assert {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 14} <= challenge.pcrs
+    assert error_codes(result) == []
+    assert result.verdict.status is VerdictStatus.TRUSTED
+    assert [policy.kind for policy in result.verdict.policies] == ["runtime", "measured-boot"]
+
+
+def test_engine_rejects_kernel_not_in_mb_policy(boot_log: bytes, files: dict[str, bytes]) -> None:
+    device = SimulatedDevice("device-mb", files=dict(files), event_log=boot_log)
+    document = create_measured_boot_policy(parse_event_log(boot_log))
+    for kernel in document["kernels"]:
+        kernel["kernel_authcode_sha256"] = "0x" + "ab" * 32
+    attester = Attester(device, PolicySet(measured_boot=measured_boot(document)))
+
+    result = attester.attest()
+
+    assert error_codes(result) == ["mb-kernel-not-allowed"]
+
+
+def test_engine_rejects_event_log_not_matching_quote(boot_log: bytes, files: dict[str, bytes]) -> None:
+    device = SimulatedDevice("device-mb", files=dict(files), event_log=boot_log)
+    device.tpm.extend(4, b"a boot application the event log does not show")
+    document = create_measured_boot_policy(parse_event_log(boot_log))
+    attester = Attester(device, PolicySet(measured_boot=measured_boot(document)))
+
+    result = attester.attest()
+
+    assert error_codes(result) == ["eventlog-pcr-mismatch"]
+
+
+def test_engine_requires_event_log_for_measured_boot_policy(attester: Attester, boot_log: bytes) -> None:
+    document = create_measured_boot_policy(parse_event_log(boot_log))
+    attester.policies = replace(attester.policies, measured_boot=measured_boot(document))
 
     result = attester.attest()
 
