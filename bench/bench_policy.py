@@ -490,8 +490,8 @@ How to read them:
   pull-mode verifier parses the whole policy again. That makes incremental evaluation
   thousands of times as fast.
 - The policy is compiled once and shared, so memory does not grow with the number of devices.
-  The RSS growth is mostly the allocator's peak while the 21.6 MB JSON text is parsed once.
-  Keylime's verifier holds one parsed copy per attestation in flight.
+  RSS grows more than tracemalloc shows because the allocator keeps memory freed after the
+  JSON text was parsed once. Keylime's verifier holds one parsed copy per attestation in flight.
 - Other work on the shared machine slows whole runs: two runs on the same day differed by up
   to 2 times. Compare the columns of one run rather than figures across runs.
 """
