@@ -49,8 +49,8 @@ class TrustStoreError(EvidenceError):
 class ImaParseError(ParseError):
     """An IMA measurement list that is not well formed.
 
-    ``line`` is the 1-based line of the ASCII form and ``offset`` the byte offset of the
-    record in the binary form; either is ``None`` where it does not apply.
+    ``line`` is the 1-based line of the ASCII form, and ``offset`` the byte offset of the
+    record in the binary form. Each is ``None`` where it does not apply.
     """
 
     default_code = "ima-list-malformed"

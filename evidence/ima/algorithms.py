@@ -53,7 +53,7 @@ BANK_HASHES: dict[str, HashFactory] = {
 
 BANK_DIGEST_SIZES: dict[str, int] = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 
-# Algorithm of a template-hash column, told by its length when the caller names none.
+# Algorithm of a template-hash column implied by its length, where the caller names none.
 TEMPLATE_HASH_ALGORITHM_BY_SIZE: dict[int, str] = {20: "sha1", 32: "sha256", 48: "sha384", 64: "sha512"}
 
 

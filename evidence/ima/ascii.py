@@ -113,9 +113,9 @@ def parse_ascii_lines(
 ) -> ImaMeasurementList:
     """Parse lines of an ASCII IMA measurement list (without their newlines).
 
-    Canonical ima-ng lines, nearly all of a real list, take an inlined path; any other line,
+    Canonical ima-ng lines, nearly all of a real list, take an inlined path. Any other line,
     or one that path does not accept, goes through ``_parse_line``, which accepts a superset
-    of it, builds the same entry, and says what is wrong with a malformed line.
+    of it, builds the same entry, and reports what is wrong with a malformed line.
     """
     algorithm = template_hash_algorithm or _infer_template_hash_algorithm(unverified_lines)
     template_hash_size = template_hash_size_of(algorithm)
@@ -130,7 +130,7 @@ def parse_ascii_lines(
     append = entries.append
     with _collection_paused():
         for line_number, line in enumerate(unverified_lines, start=1):
-            # Comparing with .hex() rejects uppercase digits; _parse_line then says why.
+            # Comparing with .hex() rejects uppercase digits, which _parse_line then reports.
             entry = None
             try:
                 pcr_text, template_hash_hex, template, digest_field, name = line.split(" ", 4)
@@ -271,13 +271,15 @@ def _parse_pcr(text: str) -> int:
     return pcr
 
 
-def _decode_hex(text: str, what: str, code: str) -> bytes:
+def _decode_hex(text: str, field_name: str, code: str) -> bytes:
     try:
         value = bytes.fromhex(text)
     except ValueError:
-        raise ImaParseError(f"{what} {_clip(text)} is not hexadecimal", code=code) from None
+        raise ImaParseError(f"{field_name} {_clip(text)} is not hexadecimal", code=code) from None
     if value.hex() != text:
-        raise ImaParseError(f"{what} {_clip(text)} is not lowercase hexadecimal without spaces", code=code)
+        raise ImaParseError(
+            f"{field_name} {_clip(text)} is not lowercase hexadecimal without spaces", code=code
+        )
     return value
 
 

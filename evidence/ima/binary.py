@@ -109,19 +109,19 @@ class _Cursor:
         self.data = data
         self.position = position
 
-    def take(self, size: int, what: str) -> bytes:
+    def take(self, size: int, field_name: str) -> bytes:
         end = self.position + size
         if end > len(self.data):
             raise ImaParseError(
-                f"{what} needs {size} bytes, only {len(self.data) - self.position} remain",
+                f"{field_name} needs {size} bytes, only {len(self.data) - self.position} remain",
                 code="ima-list-truncated",
             )
         value = self.data[self.position : end]
         self.position = end
         return value
 
-    def take_u32(self, what: str) -> int:
-        (value,) = U32.unpack(self.take(4, what))
+    def take_u32(self, field_name: str) -> int:
+        (value,) = U32.unpack(self.take(4, field_name))
         return int(value)
 
 

@@ -12,9 +12,9 @@ from evidence.ima.entry import BOOT_AGGREGATE_NAME, ImaEntry
 def boot_aggregate_pcrs(bank: str) -> range:
     """Return the PCRs that the boot_aggregate of ``bank`` covers.
 
-    The SHA-1 digest covers PCR 0-7. Other banks also cover PCR 8 and 9 (kernel command line
-    and kernel image in a typical PCR allocation); the kernel leaves them out of SHA-1 so
-    that older SHA-1 aggregates keep their meaning.
+    The SHA-1 digest covers PCR 0-7. Other banks also cover PCR 8 and 9, which hold the
+    kernel command line and kernel image in a typical PCR allocation. The kernel leaves them
+    out of SHA-1 so that older SHA-1 aggregates keep their meaning.
     """
     return range(8) if bank == "sha1" else range(10)
 

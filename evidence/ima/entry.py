@@ -67,7 +67,7 @@ class ImaEntry(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ImaMeasurementList:
-    """A parsed IMA measurement list, or the part of one that starts at ``start_index``."""
+    """A parsed IMA measurement list, whole or from entry ``start_index`` on."""
 
     entries: tuple[ImaEntry, ...]
     start_index: int

@@ -1,7 +1,7 @@
 """Reading an ASCII IMA measurement list that is still being appended to.
 
-The kernel appends to ``ascii_runtime_measurements`` while it is read, and securityfs files
-report size 0 and may return short reads, so a reader reads until EOF in a loop and keeps a
+The kernel appends to ``ascii_runtime_measurements`` while it is read. Securityfs files also
+report size 0 and may return short reads. So a reader reads until EOF in a loop, and keeps a
 line without its newline for the next read instead of returning half an entry.
 """
 

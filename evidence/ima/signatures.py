@@ -1,6 +1,6 @@
 """IMA file signatures: the ``sig`` field of ``ima-sig`` entries.
 
-The field holds the file's ``security.ima`` extended attribute. A version 2 signature is a
+The field contains the file's ``security.ima`` extended attribute. A version 2 signature is a
 9-byte header (type 3, version 2, hash algorithm id, 4-byte key id, u16 big-endian signature
 size) followed by the signature: RSA PKCS#1 v1.5 or DER-encoded ECDSA over the file digest
 itself, which is why an ECDSA signature is 70, 71 or 72 bytes long for P-256.
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from evidence.errors import ParseError, VerificationError
 from evidence.ima.entry import TEMPLATE_IMA_SIG, ImaEntry
 
-# evm_ima_xattr_type EVM_IMA_XATTR_DIGSIG: the attribute holds a signature.
+# evm_ima_xattr_type EVM_IMA_XATTR_DIGSIG: the attribute contains a signature.
 XATTR_DIGSIG = 3
 SIGNATURE_VERSION_2 = 2
 _HEADER = struct.Struct(">BBB4sH")
@@ -79,8 +79,8 @@ class ImaSignature:
 def parse_ima_signature(unverified_signature: bytes) -> ImaSignature:
     """Parse the ``sig`` field of an ima-sig entry; raise ParseError where it is malformed.
 
-    The size field must match the bytes that follow the header; a byte-swapped size, as some
-    signing tools wrote, is rejected here although the entry itself still replays.
+    The size field must match the bytes that follow the header. A byte-swapped size, as some
+    signing tools wrote, is rejected here, although the entry itself still replays.
     """
     if len(unverified_signature) < _HEADER.size:
         raise ParseError(

@@ -27,7 +27,7 @@ class ImaVerification:
     pending_entries: tuple[ImaEntry, ...]
     """Entries logged after the quote; the next verification covers them."""
     next_state: ImaReplayState
-    """State to store when the whole attestation passed; equals the previous state when
+    """State to store when the whole attestation passed. It equals the previous state when
     this verification found an error, so that the failing entries are checked again."""
 
 
@@ -45,9 +45,9 @@ def verify_measurement_list(
     2. Each entry's template hash is the hash of its template data, and each ima-buf digest
        is the hash of its buffer.
     3. Replaying the entries from the saved PCR 10 values reaches the quoted value in every
-       quoted bank after one and the same prefix of the list, possibly an empty one: the
-       kernel may log entries between the quote and the reading of the list. From entry 0
-       on, the prefix holds at least the first entry.
+       quoted bank after one and the same prefix of the list, possibly an empty one, because
+       the kernel may log entries between the quote and the reading of the list. From entry 0
+       on, the prefix contains at least the first entry.
     4. When the list starts at entry 0 and ``boot_pcrs`` (bank -> PCR -> value from the same
        quote) is given, the first entry is the boot_aggregate of those PCRs.
     5. Progress: the matched prefix covers the entries the device showed last time. It may
@@ -164,7 +164,7 @@ def _precondition_problem(
 
 @dataclass(slots=True)
 class _Scan:
-    """What one pass over the entries found, beside the replay of one bank."""
+    """Findings of one pass over the entries, beside the replay of one bank."""
 
     prefixes: set[int]
     final: bytes
@@ -226,8 +226,9 @@ def _match_prefix(
     entry_count: int,
 ) -> tuple[int | None, list[Finding]]:
     """Return the longest prefix length, at least ``shortest``, whose replay equals the quote
-    in every quoted bank; ``replays`` maps each bank to its matching prefix lengths and its
-    value after all entries.
+    in every quoted bank.
+
+    ``replays`` maps each bank to its matching prefix lengths and its value after all entries.
 
     Returns None and one ``ima-pcr-mismatch`` finding per quoted bank when there is none.
     """

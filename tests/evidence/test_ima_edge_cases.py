@@ -222,9 +222,11 @@ def test_progress_stalls_when_pcr10_is_frozen() -> None:
     state = ImaReplayState()
     codes_per_round = []
 
-    for shown in (12, 15, 20, 25):
+    for listed_until in (12, 15, 20, 25):
         result = verify_measurement_list(
-            parse_ascii_list(_lines_from(built, state.next_index, shown), start_index=state.next_index),
+            parse_ascii_list(
+                _lines_from(built, state.next_index, listed_until), start_index=state.next_index
+            ),
             frozen,
             state,
         )
@@ -247,9 +249,11 @@ def test_progress_busy_device_never_stalls() -> None:
         built.ima_ng(f"/usr/bin/tool{number}", b"tool %d" % number)
     state = ImaReplayState()
 
-    for quoted_until, shown in ((8, 10), (13, 15), (19, 22), (24, 27), (35, 40)):
+    for quoted_until, listed_until in ((8, 10), (13, 15), (19, 22), (24, 27), (35, 40)):
         result = verify_measurement_list(
-            parse_ascii_list(_lines_from(built, state.next_index, shown), start_index=state.next_index),
+            parse_ascii_list(
+                _lines_from(built, state.next_index, listed_until), start_index=state.next_index
+            ),
             {"sha256": built.pcr10("sha256", quoted_until)},
             state,
         )

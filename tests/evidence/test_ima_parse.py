@@ -102,7 +102,7 @@ def test_parse_ascii_sha256_template_hash_column() -> None:
     assert parsed[0].template_hash == hashlib.sha256(parsed[0].template_data).digest()
 
 
-def test_parse_ascii_named_template_hash_algorithm_must_fit_column() -> None:
+def test_named_template_hash_algorithm_checked() -> None:
     built = ImaListBuilder()
     built.ima_ng("/usr/bin/bash", b"bash")
 
@@ -158,7 +158,7 @@ def test_parse_ascii_violation_keeps_zero_digest() -> None:
     assert parsed[0].digest == bytes(20)
 
 
-def test_parse_ascii_ima_sig_without_separator_reads_empty_signature() -> None:
+def test_ima_sig_missing_separator_empty() -> None:
     built = ImaListBuilder()
     built.ima_sig("/usr/bin/true", b"true")
     stripped = built.ascii().rstrip("\n").rstrip(" ")
