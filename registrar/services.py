@@ -343,17 +343,7 @@ class RegistrarService:
         # 4. A known device id keeps its identity.
         differing = identity.differing_fields(DeviceIdentity.of_device(device))
         if differing:
-            log.warning(
-                "security event: registration of a known device with a different %s; "
-                "rejected, nothing changed (delete the device to enroll it again)",
-                ", ".join(differing), extra={"device_id": request.device_id},
-            )
-            raise IdentityMismatch(
-                f"device {request.device_id!r} is registered with a different "
-                f"{', '.join(differing)}; an operator must delete it before it can enroll "
-                "with a new identity",
-                field=differing[0],
-            )
+            raise _identity_mismatch(request.device_id, differing)
 
         # A SQL expression, so that concurrent registrations each count.
         device.regcount = RegisteredDevice.regcount + 1
@@ -511,11 +501,35 @@ def _rows_matched(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
+def _identity_mismatch(device_id: str, differing: list[str]) -> IdentityMismatch:
+    """Log a rejected identity change as a security event and return the error to raise.
+
+    Same EK and EK certificate with another AK is what an agent sends after it lost its AK,
+    for example on a reinstall. It is rejected all the same, because the AK is what the
+    verifier trusts, but the error message states that the device needs re-enrollment.
+    """
+    fields = ", ".join(differing)
+    same_ek = not {"ek_tpm", "ekcert"} & set(differing)
+    reason = "re-enrollment needed: the agent has a new AK for the same EK" if same_ek else (
+        "possible identity takeover: the EK or EK certificate differs"
+    )
+    log.warning(
+        "security event: registration of a known device with a different %s rejected, nothing "
+        "changed (%s; delete the device to enroll it again)",
+        fields, reason, extra={"device_id": device_id},
+    )
+    return IdentityMismatch(
+        f"device {device_id!r} is registered with a different {fields} ({reason}); an operator "
+        "must delete the device before it can enroll with a new identity",
+        field=differing[0],
+    )
+
+
 # --- Credential challenge -------------------------------------------------------------------
 
 
 def new_secret() -> bytes:
-    """Return a fresh challenge secret: 32 random ASCII letters and digits, as Keylime uses."""
+    """Return a fresh challenge secret: 32 random ASCII letters and digits."""
     return "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(SECRET_LENGTH)).encode("ascii")
 
 

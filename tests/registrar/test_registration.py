@@ -379,7 +379,9 @@ def test_identity_takeover_rejected(registrar: Registrar, ek_cas: EkCas,
         response = registrar.register(DEVICE_ID, attacker.body(ip="198.51.100.9", port=1234))
 
     error = assert_rejected(registrar, response, 403, "identity-mismatch")
-    assert "delete" in error["message"]
+    assert "delete the device" in error["message"]
+    expected_reason = "re-enrollment needed" if case == "same EK, new AK" else "identity takeover"
+    assert expected_reason in error["message"]
     assert registrar.row(DEVICE_ID) == before
     events = [record for record in caplog.records
               if record.levelno == logging.WARNING and "security event" in record.getMessage()]
