@@ -510,9 +510,10 @@ def _identity_mismatch(device_id: str, differing: list[str]) -> IdentityMismatch
     """
     fields = ", ".join(differing)
     same_ek = not {"ek_tpm", "ekcert"} & set(differing)
-    reason = "re-enrollment needed: the agent has a new AK for the same EK" if same_ek else (
-        "possible identity takeover: the EK or EK certificate differs"
-    )
+    if same_ek:
+        reason = f"re-enrollment needed: same EK, new {fields}"
+    else:
+        reason = "possible identity takeover: the EK or EK certificate differs"
     log.warning(
         "security event: registration of a known device with a different %s rejected, nothing "
         "changed (%s; delete the device to enroll it again)",
