@@ -337,7 +337,9 @@ print(json.dumps(result))
 
 
 def run_keylime(keylime_python: Path, mode: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    environment = dict(os.environ, KEYLIME_LOGGING_CONFIG=str(QUIET_LOGGING))
+    environment = dict(os.environ)
+    if QUIET_LOGGING.exists():
+        environment["KEYLIME_LOGGING_CONFIG"] = str(QUIET_LOGGING)
     environment.pop("PYTHONPATH", None)
     completed = subprocess.run(
         [str(keylime_python), "-c", KEYLIME_CHILD, mode, json.dumps(inputs)],

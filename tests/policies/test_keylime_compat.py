@@ -64,7 +64,8 @@ _KEYLIME_EVENT_BY_LISTED = {
 
 def keylime_environment() -> dict[str, str]:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    environment["KEYLIME_LOGGING_CONFIG"] = str(QUIET_LOGGING)
+    if QUIET_LOGGING.exists():
+        environment["KEYLIME_LOGGING_CONFIG"] = str(QUIET_LOGGING)
     return environment
 
 
