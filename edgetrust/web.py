@@ -43,6 +43,9 @@ STATUS_BY_CODE: dict[str, int] = {
     "method-not-allowed": 405,
     "conflict": 409,
     "registration-in-progress": 409,
+    "verifier-device-not-found": 404,
+    "device-already-added": 409,
+    "device-not-active": 409,
     "payload-too-large": 413,
     "unsupported-media-type": 415,
     "identity-mismatch": 403,
@@ -63,6 +66,12 @@ STATUS_BY_CODE: dict[str, int] = {
     "unauthorized": 401,
     "forbidden": 403,
     "database-unavailable": 503,
+    "policy-not-found": 404,
+    "policy-exists": 409,
+    "policy-kind-conflict": 409,
+    "policy-in-use": 409,
+    "policy-content-corrupt": 500,
+    "dsse-signature-invalid": 403,
 }
 
 
