@@ -19,18 +19,18 @@ PCR 10 of the SHA-256 bank with its own short replay. Then it times, on the same
   policy that allows every entry, PCR 10 of the SHA-256 bank and a fresh
   ``AgentAttestState``, run by ``--keylime-python`` (an interpreter of a virtual environment
   with Keylime 7.14.3, such as the one ``scripts/setup-keylime.sh`` builds) in a subprocess
-  that times itself. Without the option, or when that interpreter does not exist, the column
-  is skipped with a note.
+  that times each run itself. Without the option, or when that interpreter does not exist,
+  the column is skipped with a note.
 
 Each figure is the best of ``--rounds`` runs, because other processes on the machine only ever
-slow a run down. The script prints a Markdown table.
+slow a run down. Every round runs each column once, Keylime's included, so a busy moment hits
+all of them alike. The script prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import struct
 import subprocess
@@ -48,12 +48,14 @@ from evidence.ima import parse_ascii_list, verify_measurement_list  # noqa: E402
 
 QUIET_LOGGING = REPO_ROOT.parent / "shared" / "keylime-bench" / "keylime_logging_quiet.conf"
 
+# Runs in Keylime's interpreter: builds the policy once, then times one check of the list
+# for every line it reads on stdin and prints the seconds.
 KEYLIME_SCRIPT = """
-import json, sys, time
+import sys, time
 from keylime.agentstates import AgentAttestState
 from keylime.common.algorithms import Hash
 from keylime.ima import ima
-path, pcr10, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, pcr10 = sys.argv[1], sys.argv[2]
 text = open(path).read()
 policy = ima.empty_policy()
 for line in text.splitlines():
@@ -61,16 +63,16 @@ for line in text.splitlines():
     policy["digests"].setdefault(name, []).append(digest_field.split(":", 1)[1])
 policy["ima"]["log_hash_alg"] = "sha1"
 ima.validate_runtime_policy(policy)
-seconds = []
-for _ in range(rounds):
+print("ready", flush=True)
+for _ in sys.stdin:
     state = AgentAttestState("bench")
     started = time.perf_counter()
     _, failure = ima.process_measurement_list(
         state, text.split("\\n"), policy, pcrval=pcr10, hash_alg=Hash.SHA256)
-    seconds.append(time.perf_counter() - started)
+    seconds = time.perf_counter() - started
     if failure:
         sys.exit("keylime rejected the list: " + ",".join(sorted(set(failure.get_event_ids()))))
-print(json.dumps(seconds))
+    print(seconds, flush=True)
 """
 
 
@@ -98,13 +100,10 @@ def write_list(path: Path, entries: int) -> tuple[bytes, dict[str, set[str]]]:
     return pcr10, allowed
 
 
-def best_of(rounds: int, run: Callable[[], object]) -> float:
-    seconds = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - started)
-    return min(seconds)
+def timed(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
 
 
 def edgetrust_runs(
@@ -138,20 +137,46 @@ def edgetrust_runs(
     }
 
 
-def keylime_seconds(keylime_python: Path, list_path: Path, pcr10: bytes, rounds: int) -> float:
-    environment = dict(os.environ)
-    if QUIET_LOGGING.is_file():
-        environment.setdefault("KEYLIME_LOGGING_CONFIG", str(QUIET_LOGGING))
-    completed = subprocess.run(
-        [str(keylime_python), "-c", KEYLIME_SCRIPT, str(list_path), pcr10.hex(), str(rounds)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise SystemExit(f"keylime run failed: {completed.stderr.strip() or completed.stdout.strip()}")
-    return min(json.loads(completed.stdout.strip().splitlines()[-1]))
+class KeylimeChild:
+    """Keylime's check of the list in an interpreter of its own, one timed run per request."""
+
+    def __init__(self, keylime_python: Path, list_path: Path, pcr10: bytes):
+        environment = dict(os.environ)
+        if QUIET_LOGGING.is_file():
+            environment.setdefault("KEYLIME_LOGGING_CONFIG", str(QUIET_LOGGING))
+        # Keylime logs its configuration lookup on import; keep that out of the table.
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            [str(keylime_python), "-c", KEYLIME_SCRIPT, str(list_path), pcr10.hex()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=environment,
+        )
+        self._expect("ready")
+
+    def run(self) -> float:
+        assert self.process.stdin is not None
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return float(self._expect(None))
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.stderr.close()
+
+    def _expect(self, word: str | None) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line or (word is not None and line != word):
+            self.process.kill()
+            status = self.process.wait()
+            self.stderr.seek(0)
+            raise SystemExit(f"keylime run failed (exit status {status}): {self.stderr.read().strip()}")
+        return line
 
 
 def main() -> None:
@@ -168,24 +193,32 @@ def main() -> None:
         pcr10, allowed = write_list(list_path, arguments.entries)
         data = list_path.read_bytes()
 
-        figures = {
-            name: best_of(arguments.rounds, run)
-            for name, run in edgetrust_runs(data, pcr10, allowed, arguments.entries).items()
-        }
+        runs = edgetrust_runs(data, pcr10, allowed, arguments.entries)
+        keylime = None
         note = ""
         if arguments.keylime_python is None or not arguments.keylime_python.exists():
             note = "keylime column skipped: pass --keylime-python with a venv that has keylime 7.14.3"
         else:
-            figures["keylime 7.14.3 process_measurement_list (allow-all policy)"] = keylime_seconds(
-                arguments.keylime_python, list_path, pcr10, arguments.rounds
-            )
+            keylime = KeylimeChild(arguments.keylime_python, list_path, pcr10)
 
-    keylime = next((seconds for name, seconds in figures.items() if name.startswith("keylime")), None)
+        # Rounds interleave every column, so a busy moment on the machine hits all of them.
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        keylime_name = "keylime 7.14.3 process_measurement_list (allow-all policy)"
+        for _ in range(arguments.rounds):
+            for name, run in runs.items():
+                samples[name].append(timed(run))
+            if keylime is not None:
+                samples.setdefault(keylime_name, []).append(keylime.run())
+        if keylime is not None:
+            keylime.close()
+        figures = {name: min(seconds) for name, seconds in samples.items()}
+
+    keylime_seconds = figures.get(keylime_name)
     print(f"{arguments.entries:,} ima-ng entries (sha256 file digests), best of {arguments.rounds} runs\n")
     print("| what | time | µs per entry | entries per second | Keylime time ÷ this |")
     print("|---|---:|---:|---:|---:|")
     for name, seconds in figures.items():
-        ratio = f"{keylime / seconds:.1f}×" if keylime else "–"
+        ratio = f"{keylime_seconds / seconds:.1f}×" if keylime_seconds else "–"
         print(
             f"| {name} | {seconds * 1000:.0f} ms | {seconds / arguments.entries * 1e6:.2f} | "
             f"{arguments.entries / seconds:,.0f} | {ratio} |"

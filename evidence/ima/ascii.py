@@ -42,9 +42,14 @@ from evidence.ima.template_data import (
 _PCR_BY_TEXT = {str(pcr): pcr for pcr in range(24)}
 
 # u32 length and "<algorithm>:\0" that start a d-ng field whose digest has the algorithm's
-# full size, and the number of hex digits of such a digest.
+# full size, the number of hex digits of such a digest, and the algorithm name that entries
+# share instead of keeping a copy each.
 _D_NG_PREFIXES = {
-    algorithm: (U32.pack(len(d_ng_field(algorithm, bytes(size)))) + algorithm.encode() + b":\0", 2 * size)
+    algorithm: (
+        U32.pack(len(d_ng_field(algorithm, bytes(size)))) + algorithm.encode() + b":\0",
+        2 * size,
+        algorithm,
+    )
     for algorithm, size in KERNEL_DIGEST_SIZES.items()
 }
 
@@ -135,7 +140,7 @@ def parse_ascii_lines(
             try:
                 pcr_text, template_hash_hex, template, digest_field, name = line.split(" ", 4)
                 digest_algorithm, _, digest_hex = digest_field.partition(":")
-                prefix, digest_hex_length = d_ng_prefixes[digest_algorithm]
+                prefix, digest_hex_length, digest_algorithm = d_ng_prefixes[digest_algorithm]
                 template_hash = unhexlify(template_hash_hex)
                 digest = unhexlify(digest_hex)
                 if (
@@ -197,8 +202,11 @@ def _format_line(entry: ImaEntry) -> str:
 def _infer_template_hash_algorithm(lines: Sequence[str]) -> str:
     if not lines:
         return "sha1"
-    columns = lines[0].lstrip(" ").split(" ", 2)
-    column = columns[1] if len(columns) > 1 else ""
+    columns = lines[0].lstrip(" ").split(" ", 3)
+    if len(columns) < 4:
+        # The line parser reports the malformed line itself.
+        return "sha1"
+    column = columns[1]
     algorithm = TEMPLATE_HASH_ALGORITHM_BY_SIZE.get(len(column) // 2) if len(column) % 2 == 0 else None
     if algorithm is None:
         raise ImaParseError(

@@ -299,8 +299,8 @@ def _progress_findings(lagging_rounds: int, next_index: int, seen_entries: int) 
             Finding(
                 "ima-progress-lagging",
                 Severity.WARNING,
-                f"quoted PCR 10 covers IMA entries up to {next_index}, but the device showed "
-                f"{seen_entries} entries last time; failing if this repeats",
+                f"quoted PCR 10 covers the first {next_index} IMA entries, but the device showed "
+                f"{seen_entries} entries last time; this fails if it happens again",
                 context,
             )
         ]
@@ -308,7 +308,7 @@ def _progress_findings(lagging_rounds: int, next_index: int, seen_entries: int) 
         Finding(
             "ima-progress-stalled",
             Severity.ERROR,
-            f"quoted PCR 10 covers IMA entries up to {next_index}, but the device showed "
+            f"quoted PCR 10 covers the first {next_index} IMA entries, but the device showed "
             f"{seen_entries} entries before; PCR 10 lagged behind the list "
             f"{lagging_rounds} times in a row",
             context,

@@ -210,8 +210,10 @@ def test_parse_ascii_rejects_malformed_line(line: str, code: str, message: str) 
 
 
 def test_parse_ascii_error_is_a_parse_error() -> None:
-    with pytest.raises(ParseError):
+    with pytest.raises(ParseError) as raised:
         parse_ascii_list("garbage\n")
+
+    assert raised.value.code == "ima-line-malformed"
 
 
 def test_parse_ascii_first_line_template_hash_length_checked() -> None:
