@@ -5,7 +5,8 @@ For each entry, in order:
 1. A violation (template hash all zeros: the kernel saw a file opened for writing while it was
    measured, or a time-of-measure/time-of-use race) fails unless violations are allowed.
 2. ``boot_aggregate``, when the caller passes the values recomputed from the quoted PCRs,
-   must equal one of them, or be all zeros where the policy lists an all-zero digest for it.
+   must equal one of them. All zeros (no TPM at boot) passes only where the policy lists an
+   all-zero digest for it or the caller allows it.
 3. An entry whose path matches an exclude passes.
 4. ``ima`` and ``ima-ng``: the digest must be listed for the path.
 5. ``ima-sig``: a signature that verifies with a policy verification key or a learned key
@@ -103,12 +104,14 @@ def evaluate(
     *,
     allow_violations: bool = False,
     boot_aggregates: Mapping[str, bytes] | None = None,
+    allow_zero_boot_aggregate: bool = False,
     keyring_state: KeyringState = EMPTY_KEYRING_STATE,
 ) -> list[Finding]:
     """Evaluate entries against a runtime policy and return the findings.
 
     ``boot_aggregates`` maps a digest algorithm (``sha1``, ``sha256``) to the boot aggregate
-    recomputed from the quoted PCRs. ``keyring_state`` contains the keys learned from earlier
+    recomputed from the quoted PCRs. ``allow_zero_boot_aggregate`` accepts an all-zero
+    ``boot_aggregate`` that the policy does not list. ``keyring_state`` contains the keys learned from earlier
     entries of the same boot. ``evaluate_incremental`` also returns the updated state.
     """
     return evaluate_incremental(
@@ -116,6 +119,7 @@ def evaluate(
         policy,
         allow_violations=allow_violations,
         boot_aggregates=boot_aggregates,
+        allow_zero_boot_aggregate=allow_zero_boot_aggregate,
         keyring_state=keyring_state,
     ).findings
 
@@ -126,10 +130,13 @@ def evaluate_incremental(
     *,
     allow_violations: bool = False,
     boot_aggregates: Mapping[str, bytes] | None = None,
+    allow_zero_boot_aggregate: bool = False,
     keyring_state: KeyringState = EMPTY_KEYRING_STATE,
 ) -> RuntimeEvaluation:
     """Evaluate entries and return the findings with the keyring state after them."""
-    evaluator = _Evaluator(policy, allow_violations, boot_aggregates, keyring_state)
+    evaluator = _Evaluator(
+        policy, allow_violations, boot_aggregates, allow_zero_boot_aggregate, keyring_state
+    )
     findings = evaluator.findings
     digests = policy.digests
     excluded = policy.exclude_matcher.matches
@@ -161,11 +168,13 @@ class _Evaluator:
         policy: RuntimePolicy,
         allow_violations: bool,
         boot_aggregates: Mapping[str, bytes] | None,
+        allow_zero_boot_aggregate: bool,
         keyring_state: KeyringState,
     ) -> None:
         self.policy = policy
         self.allow_violations = allow_violations
         self.boot_aggregates = boot_aggregates
+        self.allow_zero_boot_aggregate = allow_zero_boot_aggregate
         self.findings: list[Finding] = []
         self._initial_state = keyring_state
         self._learned: list[LearnedKey] = []
@@ -219,7 +228,10 @@ class _Evaluator:
         expected = self.boot_aggregates.get(entry.digest_algorithm)
         if expected is not None and entry.digest == expected:
             return
-        if not any(entry.digest) and digest_allowed(self.policy.digests, BOOT_AGGREGATE, entry.digest):
+        if not any(entry.digest) and (
+            self.allow_zero_boot_aggregate
+            or digest_allowed(self.policy.digests, BOOT_AGGREGATE, entry.digest)
+        ):
             return
         expected_text = ", ".join(
             f"{algorithm}:{digest.hex()}" for algorithm, digest in sorted(self.boot_aggregates.items())

@@ -195,6 +195,24 @@ def test_all_zero_boot_aggregate_needs_policy_permission() -> None:
     assert allowed == []
 
 
+def test_all_zero_boot_aggregate_allowed_by_caller() -> None:
+    entries = imalist.parse([boot_aggregate_line(bytes(32), "sha256")])
+    recomputed = {"sha256": hashlib.sha256(b"pcrs").digest()}
+
+    findings = evaluate(entries, make_policy(), boot_aggregates=recomputed, allow_zero_boot_aggregate=True)
+
+    assert findings == []
+
+
+def test_zero_allowance_does_not_pass_other_digests() -> None:
+    entries = imalist.parse([boot_aggregate_line(hashlib.sha256(b"forged").digest(), "sha256")])
+    recomputed = {"sha256": hashlib.sha256(b"pcrs").digest()}
+
+    findings = evaluate(entries, make_policy(), boot_aggregates=recomputed, allow_zero_boot_aggregate=True)
+
+    assert codes(findings) == ["ima-boot-aggregate-mismatch"]
+
+
 def test_boot_aggregate_without_recomputed_value_uses_digests() -> None:
     value = hashlib.sha256(b"pcrs").digest()
     entries = imalist.parse([boot_aggregate_line(value, "sha256")])
