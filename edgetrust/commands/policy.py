@@ -210,8 +210,8 @@ def check_command(
 ) -> None:
     """Check an IMA measurement list (and a UEFI event log) against policies; print the findings.
 
-    Without a quote nothing proves that the files came from the device's TPM: this checks what
-    the files say against the policies, as the verifier does after it has verified a quote.
+    The files are checked as the verifier checks them after verifying a quote. Without a
+    quote, nothing proves that they match the device's TPM.
     """
     if (eventlog_path is None) != (mb_policy_path is None):
         raise click.UsageError("--eventlog and --mb-policy go together")
