@@ -41,6 +41,7 @@ from tpm2_pytss import (
     TPML_DIGEST_VALUES,
     TPMT_HA,
     TPMU_HA,
+    TSS2_RC,
     TSS2_Exception,
 )
 
@@ -78,8 +79,8 @@ _BANK_FIELDS: Final = {
 # Keylime's names for the AK's signing scheme and key type.
 _SIGN_ALG_NAMES: Final = {TpmAlg.RSASSA: "rsassa", TpmAlg.RSAPSS: "rsapss", TpmAlg.ECDSA: "ecdsa"}
 _ENC_ALG_NAMES: Final = {TpmAlg.RSA: "rsa", TpmAlg.ECC: "ecc"}
-# Response codes (format-one parameter and handle numbers stripped) that mean the TPM no longer
-# knows a transient handle, for example after another process flushed it.
+# TPM response codes (format-one parameter and handle numbers stripped) that mean the TPM no
+# longer knows a transient handle, for example after another process flushed it.
 _HANDLE_GONE: Final = frozenset({int(TPM2_RC.HANDLE), int(TPM2_RC.REFERENCE_H0)})
 
 
@@ -333,7 +334,7 @@ class AgentQuoter:
         try:
             return self.tpm.quote(self._ak_handle, selection, nonce)
         except TpmError as exc:
-            if _base_response_code(exc.response_code) not in _HANDLE_GONE:
+            if not _ak_handle_gone(exc.response_code):
                 raise
             log.warning("the TPM no longer knows the AK handle (%s); loading the AK again",
                         exc.decoded)
@@ -347,12 +348,17 @@ class AgentQuoter:
             self._ak_handle = None
 
 
-def _base_response_code(response_code: int) -> int:
-    """Strip the TSS layer and the parameter, handle or session number of a format-one code."""
-    code = response_code & 0xFFFF
-    if code & 0x80:
-        return code & 0xBF
-    return code
+def _ak_handle_gone(response_code: int) -> bool:
+    """Tell whether a failed TPM2_Quote means the AK handle is no longer usable: the TPM does
+    not know it (a TPM-layer code), or this ESAPI context closed it (ESYS_RC_BAD_TR)."""
+    if response_code == int(TSS2_RC.ESYS_RC_BAD_TR):
+        return True
+    if response_code > 0xFFFF:
+        return False
+    if response_code & 0x80:
+        # Format-one code: strip the parameter flag and the handle or parameter number.
+        response_code &= 0xBF
+    return response_code in _HANDLE_GONE
 
 
 def expected_pcr_after_extends(bank: TpmAlg, digests: Iterable[bytes],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 import os
 import subprocess
@@ -35,9 +36,11 @@ from cryptography.x509.oid import NameOID
 
 from device.agent_server import AgentApiServer, AgentEvidence, create_agent_app
 from device.attest import AgentQuoter, AttestationTpm, device_ak_loader
-from device.ima_sim import ImaSimulator, MeasurementListFile
+from device.ima_sim import TEMPLATE_HASH_ALGORITHM, ImaSimulator, MeasurementListFile
 from device.payload import PayloadKey, load_or_create_payload_key
 from device.tpm import AttestationKey, DeviceTpm, EndorsementKey
+from evidence.ima import parse_ascii_list
+from policies.generate import policy_from_measurement_list
 from tests.conftest import REPO_ROOT
 
 KEYLIME_PYTHON = REPO_ROOT / ".venv-keylime" / "bin" / "python"
@@ -123,6 +126,20 @@ def agent_stack(tcti: str, state_dir: Path, *, measure: Sequence[Path] = (),
         device.close()
 
 
+def runtime_policy(stack: AgentStack, extra_contents: dict[Path, list[bytes]] | None = None
+                   ) -> dict[str, Any]:
+    """A Keylime runtime policy allowing everything in the agent's list so far, plus
+    ``extra_contents`` (the file contents a test writes later)."""
+    assert stack.simulator is not None
+    text = stack.simulator.list_path.read_text()
+    entries = parse_ascii_list(text, template_hash_algorithm=TEMPLATE_HASH_ALGORITHM)
+    document = policy_from_measurement_list(entries).document
+    for path, contents in (extra_contents or {}).items():
+        digests = document["digests"].setdefault(str(path.resolve()), [])
+        digests += [hashlib.sha256(content).hexdigest() for content in contents]
+    return document
+
+
 # --- TLS material --------------------------------------------------------------------------
 
 
@@ -200,7 +217,8 @@ for line in sys.stdin:
               "partial": "0" if agent["public_key"] == "" else "1",
               "ima_ml_entry": state.get_next_ima_ml_entry()}
     response = requests.get(config["agent_url"] + config["api"] + "/quotes/integrity",
-                            params=params, verify=config["verify"], cert=config["cert"],
+                            params=params, verify=config["verify"],
+                            cert=tuple(config["cert"]) if config["cert"] else None,
                             timeout=60)
     results = response.json()["results"]
     failure = cloud_verifier_common.process_quote_response(

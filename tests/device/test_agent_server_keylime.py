@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from device.attest import AgentQuoter, AttestationTpm
 from device.bootlog_sim import replay_event_log_into_tpm
-from device.ima_sim import TEMPLATE_HASH_ALGORITHM
 from device.tpm import DeviceTpm
-from evidence.ima import parse_ascii_list
-from policies.generate import policy_from_measurement_list
-from tests.device.agent_support import AgentStack, KeylimeVerifier, agent_stack, require_keylime
+from tests.device.agent_support import KeylimeVerifier, agent_stack, require_keylime, runtime_policy
 from tests.device.conftest import TpmUnderTest
 from tests.support.eventlog import EV_POST_CODE, EV_S_CRTM_VERSION, EventLogBuilder
 
@@ -37,20 +33,6 @@ def car_files(directory: Path) -> Path:
     (directory / "parts" / "__init__.py").write_text("")
     (directory / "parts" / "pilot.py").write_text("class Pilot:\n    pass\n")
     return directory
-
-
-def runtime_policy(stack: AgentStack, extra_contents: dict[Path, list[bytes]] | None = None
-                   ) -> dict[str, Any]:
-    """A Keylime runtime policy allowing everything in the agent's list so far, plus
-    ``extra_contents`` (the file contents a test writes later)."""
-    assert stack.simulator is not None
-    text = stack.simulator.list_path.read_text()
-    entries = parse_ascii_list(text, template_hash_algorithm=TEMPLATE_HASH_ALGORITHM)
-    document = policy_from_measurement_list(entries).document
-    for path, contents in (extra_contents or {}).items():
-        digests = document["digests"].setdefault(str(path.resolve()), [])
-        digests += [hashlib.sha256(content).hexdigest() for content in contents]
-    return document
 
 
 @pytest.mark.parametrize("ak_type", ["ecc", "rsa"])
