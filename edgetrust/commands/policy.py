@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from edgetrust.commands.policy_measured_boot import measured_boot_command
+from edgetrust.commands.policy_store import store_group
 from evidence.errors import EvidenceError
 from evidence.eventlog import parse_event_log
 from evidence.findings import Finding, is_failure
@@ -306,3 +308,7 @@ def _read_text(path: Path) -> str:
         return _read_bytes(path).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path} is not UTF-8 text: {exc}") from None
+
+
+create_group.add_command(measured_boot_command)
+policy_group.add_command(store_group)

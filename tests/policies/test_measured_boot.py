@@ -343,3 +343,57 @@ def test_generate_names_missing_part(fixtures_dir: Path, name: str, missing: str
         create_measured_boot_policy(log, allow_without_secureboot=True)
 
     assert raised.value.code == "policy-source-invalid"
+
+
+# --- Command line -----------------------------------------------------------------------------
+
+
+def test_cli_creates_policy(fixtures_dir: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+
+    output = tmp_path / "mb.json"
+    eventlog = fixtures_dir / "eventlog" / SECUREBOOT_LOG
+
+    result = CliRunner().invoke(main, ["policy", "create", "measured-boot", "--eventlog",
+                                       str(eventlog), "-o", str(output)])
+
+    assert result.exit_code == 0, result.output
+    document = json.loads(output.read_text())
+    assert document == create_measured_boot_policy(load_log(fixtures_dir, SECUREBOOT_LOG))
+
+
+def test_cli_secureboot_off_needs_flag(fixtures_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+
+    eventlog = fixtures_dir / "eventlog" / "keylime-binary_bios_measurements"
+    arguments = ["policy", "create", "measured-boot", "--eventlog", str(eventlog)]
+
+    refused = CliRunner().invoke(main, arguments)
+    allowed = CliRunner().invoke(main, [*arguments, "--without-secureboot"])
+
+    assert refused.exit_code == 2
+    assert "--without-secureboot" in refused.output
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.output)["has_secureboot"] is False
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("keylime-binary_bios_measurements-empty", "no event log"),
+    ("keylime-binary_bios_measurements-bogus", "malformed event log"),
+])
+def test_cli_rejects_bad_event_log(fixtures_dir: Path, name: str, message: str) -> None:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+
+    eventlog = fixtures_dir / "eventlog" / name
+
+    result = CliRunner().invoke(main, ["policy", "create", "measured-boot", "--eventlog",
+                                       str(eventlog)])
+
+    assert result.exit_code == 2
+    assert message in result.output

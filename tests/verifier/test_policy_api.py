@@ -455,3 +455,74 @@ def test_big_policy_upload(api: Api) -> None:
     assert again.status_code == 201
     assert api.count(PolicyContent) == 1
     assert len(api.get("big").json()["policy"]["digests"]) == 200_000
+
+
+# --- Command line -----------------------------------------------------------------------------
+
+
+def run_cli(api: Api, *arguments: str) -> Any:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+
+    server = api.url.removesuffix("/v1/policies")
+    return CliRunner().invoke(main, ["policy", "store", *arguments, "--server", server])
+
+
+def test_cli_upload_list_show_delete(api: Api, tmp_path: Path) -> None:
+    policy_file = tmp_path / "pcr.json"
+    policy_file.write_text(json.dumps(pcr_policy()))
+    shown = tmp_path / "shown.json"
+
+    first = run_cli(api, "upload", "fleet", str(policy_file), "--kind", "pcr")
+    policy_file.write_text(json.dumps(pcr_policy("11" * 32)))
+    second = run_cli(api, "upload", "fleet", str(policy_file), "--kind", "pcr")
+    listed = run_cli(api, "list")
+    show = run_cli(api, "show", "fleet", "--version", "1", "-o", str(shown))
+    deleted = run_cli(api, "delete", "fleet")
+
+    assert first.exit_code == 0, first.output
+    assert "version 1" in first.output
+    assert second.exit_code == 0, second.output
+    assert "version 2" in second.output
+    assert "fleet\tpcr\tversion 2" in listed.output
+    assert show.exit_code == 0, show.output
+    assert json.loads(shown.read_text()) == pcr_policy()
+    assert deleted.exit_code == 0, deleted.output
+    assert "2 versions" in deleted.output
+
+
+def test_cli_upload_signed_envelope(api: Api, tmp_path: Path) -> None:
+    envelope_file = tmp_path / "signed.json"
+    envelope_file.write_text(json.dumps(signed_upload(runtime_policy())["envelope"]))
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(public_pem())
+
+    result = run_cli(api, "upload", "signed", str(envelope_file), "--kind", "runtime",
+                     "--public-key", str(key_file))
+
+    assert result.exit_code == 0, result.output
+    assert api.get("signed").json()["signed_by"] is not None
+
+
+def test_cli_reports_rejection(api: Api, tmp_path: Path) -> None:
+    policy_file = tmp_path / "pcr.json"
+    policy_file.write_text(json.dumps({"pcrs": {"sha256": {"7": ["00"]}}}))
+
+    result = run_cli(api, "upload", "fleet", str(policy_file), "--kind", "pcr")
+
+    assert result.exit_code == 1
+    assert "policy-digest-invalid" in result.output
+    assert 'policy.pcrs.sha256["7"][0]' in result.output
+
+
+def test_cli_unreachable_server(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+
+    # Port 9 (discard) on loopback: nothing listens there in the test environment.
+    result = CliRunner().invoke(main, ["policy", "store", "list", "--server", "http://127.0.0.1:9"])
+
+    assert result.exit_code == 2
+    assert "failed" in result.output
