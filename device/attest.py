@@ -36,8 +36,6 @@ from tpm2_pytss import (
     ESYS_TR,
     TPM2_CAP,
     TPM2_RC,
-    TPM2B_PRIVATE,
-    TPM2B_PUBLIC,
     TPML_DIGEST_VALUES,
     TPMT_HA,
     TPMU_HA,
@@ -47,7 +45,7 @@ from tpm2_pytss import (
 
 from device.errors import DeviceError, TpmError
 from device.payload import DATA_PCR, PayloadKey
-from device.tpm import DeviceTpm, EndorsementKey
+from device.tpm import AttestationKey, DeviceTpm, EndorsementKey
 from evidence.tpm import (
     PcrBank,
     PcrSelection,
@@ -141,9 +139,7 @@ class AttestationTpm:
     @classmethod
     def for_device(cls, tpm: DeviceTpm) -> AttestationTpm:
         """Share ``tpm``'s ESAPI connection and lock."""
-        # NOTE: DeviceTpm has no public accessor for its connection and lock yet, so this
-        # reads the private attributes; it is the only place that does.
-        return cls(tpm._esapi, tpm._lock)
+        return cls(tpm.esapi, tpm.lock)
 
     @property
     def esapi(self) -> ESAPI:
@@ -241,23 +237,12 @@ class QuoteEvidence:
         return format_keylime_quote(self.attest, self.signature, self.pcr_file)
 
 
-def device_ak_loader(tpm: DeviceTpm, ek: EndorsementKey, ak_public: bytes,
-                     ak_private: bytes) -> Callable[[], ESYS_TR]:
-    """Return a function that loads the AK under the EK and leaves it loaded (TPM2_Load, and
-    TPM2_ReadPublic or TPM2_CreatePrimary for the EK, TPM2_StartAuthSession, TPM2_PolicySecret,
-    TPM2_FlushContext for the EK and the session)."""
-    private, _ = TPM2B_PRIVATE.unmarshal(ak_private)
-    public, _ = TPM2B_PUBLIC.unmarshal(ak_public)
+def device_ak_loader(tpm: DeviceTpm, ek: EndorsementKey, ak: AttestationKey) -> Callable[[], ESYS_TR]:
+    """Return a function that loads the AK under the EK and leaves it loaded
+    (``DeviceTpm.load_ak``: TPM2_Load and the EK's commands)."""
 
     def load() -> ESYS_TR:
-        # NOTE: DeviceTpm only offers load-and-flush (check_ak_loads), so this uses its private
-        # EK helpers to keep the AK loaded between quotes.
-        with (tpm._lock, tpm._loaded_ek(ek) as ek_handle,
-              tpm._ek_authorization(ek) as session,
-              tpm_command("TPM2_Load", "loading the AK for quotes")):
-            handle: ESYS_TR = tpm._esapi.load(ek_handle, private, public,
-                                              session1=session)
-        return handle
+        return tpm.load_ak(ek, ak)
 
     return load
 

@@ -252,6 +252,17 @@ class DeviceTpm:
         with self._lock:
             self._esapi.close()
 
+    @property
+    def esapi(self) -> ESAPI:
+        """The ESAPI connection, for commands this class does not wrap (device.attest).
+        Hold :attr:`lock` while using it."""
+        return self._esapi
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The re-entrant lock that serialises every command on this connection."""
+        return self._lock
+
     def __enter__(self) -> DeviceTpm:
         return self
 
@@ -549,6 +560,17 @@ class DeviceTpm:
         :meth:`create_ak`)."""
         with self._lock, self._loaded_ek(ek) as ek_handle, self._loaded_ak(ek, ek_handle, ak):
             pass
+
+    def load_ak(self, ek: EndorsementKey, ak: AttestationKey) -> ESYS_TR:
+        """Load the AK under the EK and leave it loaded, for quotes; the caller flushes it
+        (TPM2_Load, and the EK commands of :meth:`create_ak`)."""
+        private = _unmarshal_exact(TPM2B_PRIVATE, ak.private, "AK private blob")
+        public = _unmarshal_exact(TPM2B_PUBLIC, ak.public, "AK public blob")
+        with (self._lock, self._loaded_ek(ek) as ek_handle,
+              self._ek_authorization(ek) as session,
+              _tpm_command("TPM2_Load", "loading the AK under the EK")):
+            handle: ESYS_TR = self._esapi.load(ek_handle, private, public, session1=session)
+        return handle
 
     def activate_credential(self, ek: EndorsementKey, ak: AttestationKey,
                             credential: CredentialFile) -> bytes:

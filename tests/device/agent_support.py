@@ -100,7 +100,7 @@ def agent_stack(tcti: str, state_dir: Path, *, measure: Sequence[Path] = (),
         keys = keys or create_keys(device, ak_type=ak_type)
         tpm = AttestationTpm.for_device(device)
         payload_key = load_or_create_payload_key(state_dir)
-        loader = device_ak_loader(device, keys.ek, keys.ak.public, keys.ak.private)
+        loader = device_ak_loader(device, keys.ek, keys.ak)
         quoter = quoter_class(tpm, keys.ak.public, loader, payload_key)
 
         simulator = None

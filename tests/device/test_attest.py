@@ -45,7 +45,7 @@ def keys(device: DeviceTpm) -> AgentKeys:
 
 def make_quoter(device: DeviceTpm, keys: AgentKeys, state_dir: Path,
                 quoter_class: type[AgentQuoter] = AgentQuoter) -> AgentQuoter:
-    loader = device_ak_loader(device, keys.ek, keys.ak.public, keys.ak.private)
+    loader = device_ak_loader(device, keys.ek, keys.ak)
     return quoter_class(AttestationTpm.for_device(device), keys.ak.public, loader,
                         load_or_create_payload_key(state_dir))
 
@@ -186,7 +186,7 @@ class RacingTpm(AttestationTpm):
 
 
 def racing_quoter(device: DeviceTpm, keys: AgentKeys, tmp_path: Path, races: int) -> AgentQuoter:
-    loader = device_ak_loader(device, keys.ek, keys.ak.public, keys.ak.private)
+    loader = device_ak_loader(device, keys.ek, keys.ak)
     tpm = RacingTpm(AttestationTpm.for_device(device), races)
     return AgentQuoter(tpm, keys.ak.public, loader, load_or_create_payload_key(tmp_path))
 
