@@ -17,9 +17,9 @@ PCR 10 of the SHA-256 bank with its own short replay. Then it times, on the same
   entry. ``bench_policy.py`` measures the project's own policy evaluation.
 - ``keylime process_measurement_list``: Keylime's IMA check of the same lines with a runtime
   policy that allows every entry, PCR 10 of the SHA-256 bank and a fresh
-  ``AgentAttestState``, run by ``--keylime-python`` (an interpreter of a virtual environment
-  with Keylime 7.14.3, such as the one ``scripts/setup-keylime.sh`` builds) in a subprocess
-  that times each run itself. Without the option, or when that interpreter does not exist,
+  ``AgentAttestState``. It runs in a subprocess that times each run itself, started with
+  ``--keylime-python``: an interpreter of a virtual environment with Keylime 7.14.3, such as
+  the one ``scripts/setup-keylime.sh`` builds. Without the option, or when that interpreter does not exist,
   the column is skipped with a note.
 
 Each figure is the best of ``--rounds`` runs, because other processes on the machine only ever

@@ -18,10 +18,10 @@ from evidence.ima.entry import IMA_PCR, ImaEntry
 
 @dataclass(frozen=True, slots=True)
 class ImaReplayState:
-    """What incremental attestation keeps between two verifications within one boot.
+    """State that incremental attestation keeps between two verifications within one boot.
 
     Store it after every attestation that passed (``to_json``) and pass it back to the next
-    one; start from ``ImaReplayState()`` after enrollment and after every reboot.
+    one. Start from ``ImaReplayState()`` after enrollment and after every reboot.
     """
 
     next_index: int = 0
