@@ -90,6 +90,31 @@ class Settings:
     agent_retry_initial: float = _setting(1.0, "First delay, in seconds, before retrying an "
                                           "unreachable registrar; doubles up to agent_retry_max.")
     agent_retry_max: float = _setting(60.0, "Longest delay, in seconds, between retries.")
+    agent_enable_mtls: bool = _setting(
+        True, "Serve the agent API over HTTPS with the agent's self-signed certificate and "
+        "require a client certificate signed by agent_client_ca. false serves plain HTTP, which "
+        "the agent logs at WARNING on start.")
+    agent_client_ca: Path | None = _setting(
+        None, "PEM file of the CA certificates that sign verifier client certificates; "
+        "required when agent_enable_mtls is true.")
+    agent_ima_kernel_list: Path | None = _setting(
+        None, "The kernel's ASCII IMA measurement list (default: "
+        "/sys/kernel/security/ima/ascii_runtime_measurements). When it exists the agent serves "
+        "it and the IMA simulator stays off.")
+    agent_ima_measure_paths: list[str] = _setting(
+        [], "Files and directory trees that the IMA simulator measures into PCR 10 and "
+        "<agent_state_dir>/ima/ascii_runtime_measurements when the kernel has no IMA "
+        "measurement list, such as the DonkeyCar car directory and the installed donkeycar "
+        "package. Empty turns the simulator off.")
+    agent_ima_remeasure_interval: float = _setting(
+        60.0, "Seconds between two passes of the IMA simulator over agent_ima_measure_paths; a "
+        "file whose content changed gets a new entry. 0 measures only on start.")
+    agent_event_log: Path | None = _setting(
+        None, "Binary UEFI event log to send as mb_measurement_list when "
+        "/sys/kernel/security/tpm0/binary_bios_measurements does not exist.")
+    agent_event_log_replay: bool = _setting(
+        False, "Extend PCRs 0-9 and 14 with the digests of agent_event_log once after each TPM "
+        "reset, in place of firmware, on a TPM simulator. Never set it with a hardware TPM.")
 
     @property
     def effective_database_url(self) -> str:
