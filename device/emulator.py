@@ -20,6 +20,7 @@ import contextlib
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ STARTUP_TIMEOUT_SECONDS = 5.0
 STOP_TIMEOUT_SECONDS = 5.0
 START_ATTEMPTS = 5
 REQUIRED_TOOLS = ("swtpm", "swtpm_setup", "swtpm_localca")
+
+TPM_ST_NO_SESSIONS = 0x8001
+TPM_CC_SHUTDOWN = 0x00000145
+TPM_SU_CLEAR = 0x0000
 
 
 class EmulatorError(Exception):
@@ -250,12 +255,17 @@ class SwtpmProcess:
         return stderr.decode(errors="replace").strip() or "no output"
 
     def stop(self) -> None:
-        """Terminate swtpm and wait for it to exit; kill it if it does not exit in time."""
+        """Shut the TPM down orderly, then terminate swtpm and wait for it to exit.
+
+        Without TPM2_Shutdown the next start counts as an unorderly shutdown, and after a few
+        of those the TPM's dictionary-attack protection locks out the EK's authorization.
+        """
         process = self._process
         if process is None:
             return
         self._process = None
         if process.poll() is None:
+            self._send_shutdown()
             process.terminate()
             try:
                 process.wait(STOP_TIMEOUT_SECONDS)
@@ -264,6 +274,15 @@ class SwtpmProcess:
                 process.wait(STOP_TIMEOUT_SECONDS)
         if process.stderr is not None:
             process.stderr.close()
+
+    def _send_shutdown(self) -> None:
+        """Send TPM2_Shutdown(TPM_SU_CLEAR) on the command port; best effort."""
+        command = struct.pack(">HIIH", TPM_ST_NO_SESSIONS, 12, TPM_CC_SHUTDOWN, TPM_SU_CLEAR)
+        with contextlib.suppress(OSError), socket.create_connection(
+            ("127.0.0.1", self.port), timeout=2.0
+        ) as connection:
+            connection.sendall(command)
+            connection.recv(64)
 
     def restart(self) -> None:
         """Stop and start swtpm on the same state, as a device reboot (resetCount grows)."""

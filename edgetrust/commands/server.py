@@ -35,8 +35,12 @@ def serve_command(config_file: Path | None, host: str | None, port: int | None) 
     prepare_database(engine)
 
     from edgetrust.app import create_app
+    from evidence.errors import TrustStoreError
 
-    app = create_app(settings, engine=engine)
+    try:
+        app = create_app(settings, engine=engine)
+    except TrustStoreError as exc:
+        raise click.ClickException(f"{exc.message} (setting ek_ca_dir)") from exc
     log.info("serving on http://%s:%d with database %s", settings.listen_host,
              settings.listen_port, engine.url.render_as_string(hide_password=True))
     run_gunicorn(app, settings.listen_host, settings.listen_port,
