@@ -25,6 +25,9 @@ from evidence.ima.template_data import (
     decode_template_data,
 )
 
+# NOTE: a list from a big-endian kernel without ima_canonical_fmt fails to parse, usually with
+# ima-pcr-invalid, because every integer is read as little-endian.
+
 # IMA template names have at most 15 characters (IMA_TEMPLATE_NAME_LEN_MAX).
 _MAX_TEMPLATE_NAME_LENGTH = 15
 

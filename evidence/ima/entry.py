@@ -13,6 +13,8 @@ TEMPLATE_IMA = "ima"
 TEMPLATE_IMA_NG = "ima-ng"
 TEMPLATE_IMA_SIG = "ima-sig"
 TEMPLATE_IMA_BUF = "ima-buf"
+# NOTE: lists written with other templates (ima-ngv2, ima-sigv2, ima-modsig, custom ones) are
+# rejected with ima-template-unsupported, although their template data could be replayed.
 SUPPORTED_TEMPLATES = (TEMPLATE_IMA, TEMPLATE_IMA_NG, TEMPLATE_IMA_SIG, TEMPLATE_IMA_BUF)
 
 BOOT_AGGREGATE_NAME = "boot_aggregate"

@@ -29,6 +29,7 @@ U32 = struct.Struct("<I")
 # The ima template's name field is NUL-padded to this size (IMA_EVENT_NAME_LEN_MAX + 1),
 # so a name there has at most 255 bytes.
 LEGACY_NAME_SIZE = 256
+# NOTE: the kernel also allows MD5 (16 bytes) in the ima template; such lists are rejected.
 LEGACY_DIGEST_SIZE = 20
 
 
