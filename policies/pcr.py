@@ -82,14 +82,16 @@ def parse_pcr_policy(unverified_document: Mapping[str, Any]) -> PcrPolicy:
         raise PolicyError("PCR policy must be a JSON object", code=POLICY_FIELD_INVALID)
     unknown = sorted(set(unverified_document) - {"pcrs"})
     if unknown:
-        raise PolicyError(f"unknown key {unknown[0]!r}; a PCR policy has only 'pcrs'",
-                          code=POLICY_FIELD_INVALID, field=unknown[0])
+        raise PolicyError(
+            f"unknown key {unknown[0]!r}; a PCR policy has only 'pcrs'",
+            code=POLICY_FIELD_INVALID,
+            field=unknown[0],
+        )
     if "pcrs" not in unverified_document:
         raise PolicyError("'pcrs' is required", code=POLICY_FIELD_MISSING, field="pcrs")
     unverified_banks = unverified_document["pcrs"]
     if not isinstance(unverified_banks, Mapping):
-        raise PolicyError("must be an object of PCR banks", code=POLICY_FIELD_INVALID,
-                          field="pcrs")
+        raise PolicyError("must be an object of PCR banks", code=POLICY_FIELD_INVALID, field="pcrs")
 
     banks: dict[str, Mapping[int, frozenset[bytes]]] = {}
     for bank, unverified_pcrs in unverified_banks.items():
@@ -106,11 +108,13 @@ def _parse_bank(bank: str, unverified_pcrs: Any) -> dict[int, frozenset[bytes]]:
     if size is None:
         raise PolicyError(
             f"unknown PCR bank {bank!r}; expected one of {', '.join(BANK_DIGEST_SIZES)}",
-            code=POLICY_FIELD_INVALID, field=field,
+            code=POLICY_FIELD_INVALID,
+            field=field,
         )
     if not isinstance(unverified_pcrs, Mapping):
-        raise PolicyError("must be an object from PCR index to allowed values",
-                          code=POLICY_FIELD_INVALID, field=field)
+        raise PolicyError(
+            "must be an object from PCR index to allowed values", code=POLICY_FIELD_INVALID, field=field
+        )
 
     pcrs: dict[int, frozenset[bytes]] = {}
     for key, unverified_values in unverified_pcrs.items():
@@ -121,29 +125,32 @@ def _parse_bank(bank: str, unverified_pcrs: Any) -> dict[int, frozenset[bytes]]:
 
 def _parse_index(key: str, field: str) -> int:
     if not (key.isascii() and key.isdigit()) or (len(key) > 1 and key.startswith("0")):
-        raise PolicyError(f"PCR index {key!r} is not a decimal number without leading zeros",
-                          code=POLICY_FIELD_INVALID, field=field)
+        raise PolicyError(
+            f"PCR index {key!r} is not a decimal number without leading zeros",
+            code=POLICY_FIELD_INVALID,
+            field=field,
+        )
     index = int(key)
     if index >= PCR_COUNT:
-        raise PolicyError(f"PCR index {index} is out of range 0-{PCR_COUNT - 1}",
-                          code=POLICY_FIELD_INVALID, field=field)
+        raise PolicyError(
+            f"PCR index {index} is out of range 0-{PCR_COUNT - 1}", code=POLICY_FIELD_INVALID, field=field
+        )
     return index
 
 
 def _parse_values(unverified_values: Any, size: int, field: str) -> frozenset[bytes]:
     if not isinstance(unverified_values, list) or not unverified_values:
-        raise PolicyError("must be a non-empty array of hex digests", code=POLICY_FIELD_INVALID,
-                          field=field)
+        raise PolicyError("must be a non-empty array of hex digests", code=POLICY_FIELD_INVALID, field=field)
     values = set()
     for position, value in enumerate(unverified_values):
         item = f"{field}[{position}]"
         if not isinstance(value, str) or not _HEX_DIGITS.issuperset(value):
-            raise PolicyError(f"{value!r} is not a hex digest", code=POLICY_DIGEST_INVALID,
-                              field=item)
+            raise PolicyError(f"{value!r} is not a hex digest", code=POLICY_DIGEST_INVALID, field=item)
         if len(value) != 2 * size:
             raise PolicyError(
                 f"digest has {len(value)} hex digits; this bank's digests have {2 * size}",
-                code=POLICY_DIGEST_INVALID, field=item,
+                code=POLICY_DIGEST_INVALID,
+                field=item,
             )
         values.add(bytes.fromhex(value))
     return frozenset(values)
@@ -162,28 +169,41 @@ def evaluate_pcrs(policy: PcrPolicy, quoted: Mapping[str, Mapping[int, bytes]]) 
     for bank, pcrs in sorted(policy.banks.items()):
         quoted_bank = quoted.get(bank)
         if quoted_bank is None:
-            findings.append(Finding(
-                PCR_BANK_MISSING, Severity.ERROR,
-                f"the policy checks PCR bank {bank}, which the quote does not contain",
-                {"bank": bank, "quoted_banks": sorted(quoted)},
-            ))
+            findings.append(
+                Finding(
+                    PCR_BANK_MISSING,
+                    Severity.ERROR,
+                    f"the policy checks PCR bank {bank}, which the quote does not contain",
+                    {"bank": bank, "quoted_banks": sorted(quoted)},
+                )
+            )
             continue
 
         for index, allowed in sorted(pcrs.items()):
             value = quoted_bank.get(index)
             if value is None:
-                findings.append(Finding(
-                    PCR_NOT_QUOTED, Severity.ERROR,
-                    f"the policy checks PCR {index} in bank {bank}, which the quote does not cover",
-                    {"bank": bank, "pcr": index},
-                ))
+                findings.append(
+                    Finding(
+                        PCR_NOT_QUOTED,
+                        Severity.ERROR,
+                        f"the policy checks PCR {index} in bank {bank}, which the quote does not cover",
+                        {"bank": bank, "pcr": index},
+                    )
+                )
             elif value not in allowed:
-                findings.append(Finding(
-                    PCR_VALUE_NOT_ALLOWED, Severity.ERROR,
-                    f"PCR {index} in bank {bank} is {value.hex()}, not an allowed value",
-                    {"bank": bank, "pcr": index, "value": value.hex(),
-                     "allowed": sorted(item.hex() for item in allowed)},
-                ))
+                findings.append(
+                    Finding(
+                        PCR_VALUE_NOT_ALLOWED,
+                        Severity.ERROR,
+                        f"PCR {index} in bank {bank} is {value.hex()}, not an allowed value",
+                        {
+                            "bank": bank,
+                            "pcr": index,
+                            "value": value.hex(),
+                            "allowed": sorted(item.hex() for item in allowed),
+                        },
+                    )
+                )
     return findings
 
 

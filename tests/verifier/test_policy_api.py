@@ -314,6 +314,8 @@ INVALID_UPLOADS = [
      "policy-digest-invalid", 'policy.digests["/bin/sh"][0]'),
     ({"kind": "runtime", "policy": {k: v for k, v in runtime_policy().items() if k != "ima"}},
      "policy-field-missing", "policy.ima"),
+    ({"kind": "runtime", "policy": {**runtime_policy(), "excludes": ["/tmp/.*", "*"]}},
+     "policy-exclude-invalid", "policy.excludes[1]"),
     ({"kind": "pcr", "policy": {"pcrs": {"sha256": {"7": ["00"]}}}},
      "policy-digest-invalid", 'policy.pcrs.sha256["7"][0]'),
     ({"kind": "measured-boot", "policy": {"kernels": []}}, "policy-field-missing",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -379,10 +380,17 @@ def test_big_policy_stored_once_and_shared(sessions: sessionmaker[Session]) -> N
     assert not again.created
     assert count(sessions, PolicyContent) == 1
     with sessions() as session:
+        shared = policy_store.compiled(session, first.version.content_hash)
+        tracemalloc.start()
         objects = {
             id(policy_store.compiled(session, first.version.content_hash)) for _device in range(100)
         }
-    assert len(objects) == 1
+        _current, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+
+    assert objects == {id(shared)}
+    # The policy takes tens of megabytes; 100 more devices must not copy any of it.
+    assert peak < 1_000_000
 
 
 def test_runtime_fixture_round_trip(sessions: sessionmaker[Session], fixtures_dir: Path) -> None:
