@@ -254,18 +254,20 @@ class SwtpmProcess:
         self._process = None
         return stderr.decode(errors="replace").strip() or "no output"
 
-    def stop(self) -> None:
-        """Shut the TPM down orderly, then terminate swtpm and wait for it to exit.
+    def stop(self, *, orderly: bool = True) -> None:
+        """Shut the TPM down (orderly unless told otherwise), then terminate swtpm and wait.
 
-        Without TPM2_Shutdown the next start counts as an unorderly shutdown, and after a few
-        of those the TPM's dictionary-attack protection locks out the EK's authorization.
+        Without TPM2_Shutdown the next start counts as an unorderly shutdown: quotes report
+        clockInfo.safe = NO, and after a few of those the TPM's dictionary-attack protection
+        locks out the EK's authorization. ``orderly=False`` simulates a power loss.
         """
         process = self._process
         if process is None:
             return
         self._process = None
         if process.poll() is None:
-            self._send_shutdown()
+            if orderly:
+                self._send_shutdown()
             process.terminate()
             try:
                 process.wait(STOP_TIMEOUT_SECONDS)
@@ -284,9 +286,9 @@ class SwtpmProcess:
             connection.sendall(command)
             connection.recv(64)
 
-    def restart(self) -> None:
+    def restart(self, *, orderly: bool = True) -> None:
         """Stop and start swtpm on the same state, as a device reboot (resetCount grows)."""
-        self.stop()
+        self.stop(orderly=orderly)
         self.start()
 
     def __enter__(self) -> SwtpmProcess:

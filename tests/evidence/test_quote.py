@@ -511,7 +511,7 @@ def test_quote_reboot_starts_new_session(
                 device.device.esapi.shutdown(device.device.t.TPM2_SU.CLEAR)
         finally:
             device.close()
-        tpm.restart()
+        tpm.restart(orderly=orderly)
         device = QuotingDevice(tpm, aks={"ecdsa-sha256": enrolled})
         try:
             after = device.quote("ecdsa-sha256", "sha256:10")
