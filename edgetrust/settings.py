@@ -116,6 +116,47 @@ class Settings:
         False, "Extend PCRs 0-9 and 14 with the digests of agent_event_log once after each TPM "
         "reset, in place of firmware, on a TPM simulator. Never set it with a hardware TPM.")
 
+    # Verifier
+    verifier_poll_interval: float = _setting(
+        10.0, "Seconds between two attestations of a device added without poll_interval.")
+    verifier_verdict_lifetime_intervals: int = _setting(
+        3, "A trusted verdict turns unknown after this many poll intervals without a newer "
+        "passing attestation.")
+    verifier_accepted_banks: list[str] = _setting(
+        ["sha512", "sha384", "sha256"], "PCR banks a quote may use (Keylime's "
+        "accept_tpm_hash_algs); add sha1 only for TPMs without a SHA-256 bank.")
+    verifier_allow_ima_violations: bool = _setting(
+        False, "Let IMA violations (a file measured while open for writing) pass as warnings "
+        "instead of failing the device.")
+    verifier_allow_zero_boot_aggregate: bool = _setting(
+        False, "Accept an all-zeros boot_aggregate, which a kernel logs when it found no TPM.")
+    verifier_agent_mtls: bool = _setting(
+        True, "Reach agents over mutual TLS, checking each agent's certificate against the "
+        "mtls_cert it registered. false means plain HTTP, which the poller logs at start.")
+    verifier_tls_cert: Path | None = _setting(
+        None, "PEM certificate the verifier presents to agents over mutual TLS.")
+    verifier_tls_key: Path | None = _setting(
+        None, "PEM private key of verifier_tls_cert.")
+    verifier_agent_api_version: str = _setting(
+        "2.1", "Keylime agent API version of the quote requests (/v<version>/quotes/integrity).")
+    verifier_agent_timeout: float = _setting(
+        10.0, "Seconds to wait for an agent to connect and to answer a quote request.")
+    verifier_poller_threads: int = _setting(
+        8, "Attestations one poller runs at the same time.")
+    verifier_claim_batch: int = _setting(
+        32, "Devices a poller claims in one database transaction.")
+    verifier_lease_seconds: float = _setting(
+        60.0, "Seconds a poller holds a claimed device; a dead poller's devices are due again "
+        "after this. At least four times verifier_agent_timeout plus 10.")
+    verifier_backoff_max: float = _setting(
+        300.0, "Longest delay, in seconds, before retrying an unreachable agent; the delay "
+        "starts at the poll interval and doubles with each failure.")
+    verifier_poller_id: str = _setting(
+        "", "Name of this poller in leases and attestation records (default: <host>-<pid>).")
+    verifier_poll_in_server: bool = _setting(
+        True, "Run the poller inside `edgetrust serve` when the database is SQLite. With "
+        "PostgreSQL, run `edgetrust poll` workers instead.")
+
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'edgetrust.db'}"

@@ -241,6 +241,8 @@ class SimulatedDevice:
     entries_per_quote: int = 0
     entries_after_quote: int = 0
     reachable: bool = True
+    answer_delay: float = 0.0
+    """Seconds to wait before answering a request, to make a slow or hanging agent."""
     freeze_pcr10: bool = False
     """Stop extending PCR 10 while the list keeps growing (an attack the progress check finds)."""
     event_log: bytes | None = None
@@ -433,6 +435,7 @@ class Fleet:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fleet-sim", daemon=True)
         self._servers: list[asyncio.Server] = []
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
     def __enter__(self) -> Fleet:
         self.start()
@@ -469,9 +472,16 @@ class Fleet:
             server.close()
         for server in self._servers:
             await server.wait_closed()
+        # Closing each connection ends its reader, so its task finishes without cancellation.
+        for writer in self._connections.values():
+            writer.transport.abort()
+        await asyncio.gather(*self._connections, return_exceptions=True)
 
     async def _serve(self, device: SimulatedDevice, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -481,6 +491,7 @@ class Fleet:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ssl.SSLError):
             pass
         finally:
+            self._connections.pop(task, None)
             writer.close()
 
     async def _answer(self, device: SimulatedDevice, head: bytes, writer: asyncio.StreamWriter) -> bool:
@@ -491,6 +502,8 @@ class Fleet:
         if not device.reachable:
             writer.transport.abort()
             return False
+        if device.answer_delay:
+            await asyncio.sleep(device.answer_delay)
         status, body = _route(device, method, target)
         payload = json.dumps(body).encode()
         keep_alive = headers.get("connection", "").lower() != "close"

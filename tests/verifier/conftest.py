@@ -6,13 +6,21 @@ import base64
 import json
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
 
+from edgetrust.db import make_session_factory, transaction
 from policies.runtime import PolicyCache, load_runtime_policy
+from registrar.models import RegisteredDevice
+from verifier import policy_store
+from verifier.agent_client import AgentClient
+from verifier.api import AddDeviceRequest, VerifierService
 from verifier.engine import (
     Challenge,
     EngineOptions,
@@ -26,6 +34,7 @@ from verifier.engine import (
     verify,
 )
 from verifier.fleet_sim import SimulatedDevice, make_files, runtime_policy_document
+from verifier.poller import Poller, PollerOptions
 from verifier.state import DeviceState
 from verifier.verdicts import AppliedPolicy
 
@@ -120,3 +129,101 @@ def device(files: dict[str, bytes]) -> SimulatedDevice:
 @pytest.fixture
 def attester(device: SimulatedDevice, files: dict[str, bytes]) -> Attester:
     return Attester(device, runtime_policies(files))
+
+
+# --- Database and poller helpers ----------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock that moves only when a test advances it."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime.now(UTC).replace(microsecond=0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def sessions(migrated_engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(migrated_engine)
+
+
+def register(
+    sessions: sessionmaker[Session],
+    device: SimulatedDevice,
+    *,
+    mtls_cert: str | None = None,
+    active: bool = True,
+) -> None:
+    """Store ``device`` in the registrar as enrolled (its AK proven), without the HTTP exchange."""
+    now = datetime.now(UTC)
+    with transaction(sessions) as session:
+        session.add(
+            RegisteredDevice(
+                device_id=device.device_id,
+                ek_tpm=device.tpm.ek_tpm,
+                ekcert=None,
+                aik_tpm=device.tpm.ak_tpm,
+                ip="127.0.0.1",
+                port=device.port or 9002,
+                mtls_cert=mtls_cert or "disabled",
+                regcount=1,
+                active=active,
+                failed_activations=0,
+                created_at=now,
+                registered_at=now,
+                activated_at=now if active else None,
+            )
+        )
+
+
+def store_runtime_policy(
+    sessions: sessionmaker[Session], files: dict[str, bytes], name: str = "fleet"
+) -> None:
+    with transaction(sessions) as session:
+        policy_store.put_policy(session, name, "runtime", runtime_policy_document(files))
+
+
+def add_to_verifier(
+    service: VerifierService,
+    device: SimulatedDevice,
+    *,
+    poll_interval: float = POLL_INTERVAL,
+    runtime_policy: str | None = "fleet",
+) -> None:
+    service.add_device(
+        AddDeviceRequest(
+            device.device_id,
+            ip="127.0.0.1",
+            port=device.port,
+            poll_interval=poll_interval,
+            runtime_policy=runtime_policy,
+        )
+    )
+
+
+def make_poller(
+    sessions: sessionmaker[Session],
+    clock: Callable[[], datetime],
+    *,
+    poller_id: str = "poller-1",
+    client: AgentClient | None = None,
+    threads: int = 4,
+    lease_seconds: float = 30.0,
+) -> Poller:
+    options = PollerOptions(
+        poller_id=poller_id,
+        threads=threads,
+        batch_size=8,
+        lease_seconds=lease_seconds,
+        agent_timeout=2.0,
+        backoff_max=8 * POLL_INTERVAL,
+        idle_wait=0.05,
+    )
+    return Poller(
+        sessions, client or AgentClient(mtls=False, identity=None, timeout=2.0), options, clock=clock
+    )
