@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import socket
 import ssl
 import threading
 from collections.abc import Mapping
@@ -298,6 +299,17 @@ class _RequestHandler(WSGIRequestHandler):
     timeout = CONNECTION_TIMEOUT
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on ``host``:``port``; raise DeviceError when that fails."""
+    try:
+        return socket.create_server((host, port), backlog=128)
+    except OSError as exc:
+        raise DeviceError(
+            f"the agent API cannot listen on {host}:{port}: {exc.strerror or exc}; check "
+            "agent_contact_host and agent_contact_port", code="agent-api-listen-failed",
+        ) from exc
+
+
 class AgentApiServer:
     """The agent API on a threaded werkzeug server, started in a background thread.
 
@@ -306,7 +318,13 @@ class AgentApiServer:
     """
 
     def __init__(self, app: Flask, host: str, port: int, ssl_context: ssl.SSLContext | None):
-        self._server = ThreadedWSGIServer(host, port, app, handler=_RequestHandler)
+        # werkzeug exits the process when it cannot bind, so the socket is bound here first.
+        listener = _listen(host, port)
+        try:
+            self._server = ThreadedWSGIServer(host, port, app, handler=_RequestHandler,
+                                              fd=listener.fileno())
+        finally:
+            listener.close()
         if ssl_context is not None:
             self._server.socket = ssl_context.wrap_socket(
                 self._server.socket, server_side=True, do_handshake_on_connect=False)
@@ -316,7 +334,7 @@ class AgentApiServer:
 
     @property
     def port(self) -> int:
-        return int(self._server.server_port)
+        return int(self._server.server_address[1])
 
     @property
     def scheme(self) -> str:

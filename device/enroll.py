@@ -30,7 +30,7 @@ import logging
 import random
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -84,6 +84,9 @@ class AgentConfig:
     contact_port: int
     retry_initial: float
     retry_max: float
+    # Returns the PEM of the agent API's TLS certificate for an agent uuid, sent as
+    # ``mtls_cert``; None sends "disabled" (the API serves plain HTTP).
+    mtls_certificate: Callable[[str], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,13 +144,13 @@ def compute_auth_tag(secret: bytes, agent_id: str) -> str:
 
 
 def registration_body(ek: EndorsementKey, identity: AgentIdentity, contact_host: str,
-                      contact_port: int) -> dict[str, Any]:
-    """Build the JSON body of ``POST /v{version}/agents/{uuid}``."""
+                      contact_port: int, mtls_cert: str | None = None) -> dict[str, Any]:
+    """Build the JSON body of ``POST /v{version}/agents/{uuid}``; ``mtls_cert`` is the PEM of
+    the agent API's TLS certificate, or None when the API serves plain HTTP."""
     body: dict[str, Any] = {
         "aik_tpm": base64.b64encode(identity.ak.public).decode("ascii"),
         "ek_tpm": base64.b64encode(ek.public).decode("ascii"),
-        # TODO: send the agent's mTLS certificate once the agent API server has one.
-        "mtls_cert": "disabled",
+        "mtls_cert": mtls_cert or "disabled",
         "ip": contact_host,
         "port": contact_port,
     }
@@ -313,7 +316,8 @@ def enroll_once(tpm: DeviceTpm, ek: EndorsementKey, identity: AgentIdentity,
     api_version = client.negotiate_api_version()
 
     # 2. Registration: the registrar returns a credential for the EK and the AK's name.
-    body = registration_body(ek, identity, config.contact_host, config.contact_port)
+    mtls_cert = config.mtls_certificate(identity.uuid) if config.mtls_certificate else None
+    body = registration_body(ek, identity, config.contact_host, config.contact_port, mtls_cert)
     blob = client.register(api_version, identity.uuid, body)
     device_log.info("registered with the registrar at %s (API %s); activating the credential",
                     client.base_url, api_version)

@@ -21,7 +21,9 @@ from edgetrust.logs import device_logger
 from edgetrust.settings import Settings
 
 if TYPE_CHECKING:
+    from device.agent_service import AgentServiceConfig
     from device.enroll import AgentConfig, Enrollment
+    from device.tpm import DeviceTpm
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,13 @@ class StopSignal(threading.Event):
 def agent_config(settings: Settings) -> AgentConfig:
     """Collect the agent settings that enrollment uses."""
     from device.enroll import AgentConfig
+    from device.tls import load_or_create_tls_identity
+
+    state_dir = settings.effective_agent_state_dir
+    contact_host = settings.agent_contact_host
+
+    def mtls_certificate(agent_id: str) -> str:
+        return load_or_create_tls_identity(state_dir, agent_id, contact_host).certificate_pem
 
     return AgentConfig(
         configured_uuid=settings.agent_uuid,
@@ -75,6 +84,27 @@ def agent_config(settings: Settings) -> AgentConfig:
         contact_port=settings.agent_contact_port,
         retry_initial=settings.agent_retry_initial,
         retry_max=settings.agent_retry_max,
+        mtls_certificate=mtls_certificate if settings.agent_enable_mtls else None,
+    )
+
+
+def service_config(settings: Settings) -> AgentServiceConfig:
+    """Collect the agent settings that the evidence service and the agent API use."""
+    from device.agent_service import AgentServiceConfig
+    from device.ima_sim import KERNEL_IMA_LIST
+
+    return AgentServiceConfig(
+        state_dir=settings.effective_agent_state_dir,
+        host=settings.agent_contact_host,
+        port=settings.agent_contact_port,
+        enable_mtls=settings.agent_enable_mtls,
+        client_ca=settings.agent_client_ca,
+        ima_kernel_list=settings.agent_ima_kernel_list or KERNEL_IMA_LIST,
+        ima_measure_paths=tuple(Path(path).expanduser() for path in
+                                settings.agent_ima_measure_paths),
+        ima_remeasure_interval=settings.agent_ima_remeasure_interval,
+        event_log=settings.agent_event_log,
+        event_log_replay=settings.agent_event_log_replay,
     )
 
 
@@ -95,6 +125,10 @@ def run_agent(settings: Settings, *, once: bool, stop: threading.Event) -> int:
     log.info("agent starting: TPM %s, registrar %s, state directory %s", settings.agent_tcti,
              settings.agent_registrar_url, settings.effective_agent_state_dir)
     try:
+        if not once:
+            from device.agent_service import check_service_config
+
+            check_service_config(service_config(settings))
         with DeviceTpm.connect(settings.agent_tcti) as tpm:
             from device.enroll import enroll_device
 
@@ -105,7 +139,7 @@ def run_agent(settings: Settings, *, once: bool, stop: threading.Event) -> int:
             _log_enrolled(enrollment)
             if once:
                 return EXIT_OK
-            _run_until_stopped(enrollment, stop)
+            _run_until_stopped(tpm, enrollment, service_config(settings), stop)
     except DeviceError as exc:
         log.error("agent failed [%s]: %s", exc.code, exc.message,
                   extra={"device_id": exc.device_id or "-"})
@@ -119,14 +153,20 @@ def _log_enrolled(enrollment: Enrollment) -> None:
         enrollment.registrar_url, enrollment.agent_id, enrollment.ak_name.hex())
 
 
-def _run_until_stopped(enrollment: Enrollment, stop: threading.Event) -> None:
-    """Keep the agent running after enrollment until ``stop`` is set."""
+def _run_until_stopped(tpm: DeviceTpm, enrollment: Enrollment, config: AgentServiceConfig,
+                       stop: threading.Event) -> None:
+    """Serve the agent API after enrollment until ``stop`` is set, then stop it."""
+    from device.agent_service import AgentService
+
     device_log = device_logger(log, enrollment.agent_id)
-    # TODO: start the Keylime agent API server (GET /v2.x/quotes/integrity) here, with the TPM
-    # connection and the enrolled identity, and shut it down once ``stop`` is set.
-    device_log.info("enrolled; waiting for SIGTERM or SIGINT")
-    stop.wait()
-    device_log.info("agent stopping on %s", _signal_name(stop))
+    service = AgentService(tpm, enrollment.agent_id, enrollment.ek, enrollment.identity.ak, config)
+    service.start()
+    try:
+        device_log.info("enrolled and serving the agent API; waiting for SIGTERM or SIGINT")
+        stop.wait()
+        device_log.info("agent stopping on %s", _signal_name(stop))
+    finally:
+        service.stop()
 
 
 def _signal_name(stop: threading.Event) -> str:

@@ -100,6 +100,10 @@ def agent_environment(tmp_path: Path, tpm_under_test: TpmUnderTest, registrar_ur
         "EDGETRUST_AGENT_REGISTRAR_URL": registrar_url,
         "EDGETRUST_AGENT_RETRY_INITIAL": "0.2",
         "EDGETRUST_AGENT_RETRY_MAX": "0.5",
+        # The agent API serves after enrollment: plain HTTP, since these tests have no client
+        # CA, on a free port.
+        "EDGETRUST_AGENT_ENABLE_MTLS": "false",
+        "EDGETRUST_AGENT_CONTACT_PORT": str(closed_port()),
     })
     environment.update({f"EDGETRUST_{key.upper()}": value for key, value in settings.items()})
     return environment
