@@ -49,6 +49,7 @@ Installer = Callable[[Flask, AppServices], Iterable[type[Exception]]]
 def _installers() -> list[Installer]:
     """Return each package's ``install(app, services) -> domain error classes`` function."""
     from registrar.api import install as install_registrar
+    from verifier.api import install as install_verifier
     from verifier.policy_api import install as install_policies
 
-    return [install_registrar, install_policies]
+    return [install_registrar, install_policies, install_verifier]
