@@ -9,6 +9,7 @@ from edgetrust.commands.agent import agent_command
 from edgetrust.commands.demo import demo_command
 from edgetrust.commands.evidence import evidence_group
 from edgetrust.commands.policy import policy_group
+from edgetrust.commands.poll import poll_command
 from edgetrust.commands.server import db_group, serve_command
 
 
@@ -19,6 +20,7 @@ def main() -> None:
 
 
 main.add_command(serve_command)
+main.add_command(poll_command)
 main.add_command(db_group)
 main.add_command(evidence_group)
 main.add_command(agent_command)

@@ -629,3 +629,13 @@ def _evidence_summary(evidence: Evidence, pcrs: frozenset[int], result: Verifica
                                  "restart_count": counters.restart_count, "safe": counters.safe}
     return summary
 
+
+
+def build_poller(settings: Settings, sessions: sessionmaker[Session]) -> Poller:
+    """Build a poller from the settings; raise SettingsError if they cannot work."""
+    client = agent_client_from_settings(settings)
+    if not client.mtls:
+        log.warning("verifier_agent_mtls is false: agents are reached over plain HTTP. Quotes are "
+                    "still verified with each device's AK, but the connection is not authenticated "
+                    "and its contents can be read on the network")
+    return Poller(sessions, client, PollerOptions.from_settings(settings))

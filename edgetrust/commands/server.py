@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,14 @@ def serve_command(config_file: Path | None, host: str | None, port: int | None) 
     log.info("serving on http://%s:%d with database %s", settings.listen_host,
              settings.listen_port, engine.url.render_as_string(hide_password=True))
     run_gunicorn(app, settings.listen_host, settings.listen_port,
-                 settings.server_workers, settings.server_threads)
+                 settings.server_workers, settings.server_threads,
+                 post_fork=lambda _server, _worker: _start_poller(settings))
+
+
+def _start_poller(settings: Any) -> None:
+    from edgetrust.commands.poll import start_embedded_poller
+
+    start_embedded_poller(settings)
 
 
 def prepare_database(engine: Engine) -> None:
@@ -64,7 +72,8 @@ def prepare_database(engine: Engine) -> None:
                                    f"{exc.args[0] if exc.args else exc}") from exc
 
 
-def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> None:
+def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int,
+                 post_fork: Callable[[Any, Any], None] | None = None) -> None:
     from gunicorn.app.base import BaseApplication
 
     class _Application(BaseApplication):
@@ -75,6 +84,9 @@ def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int) -> 
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", None)
             self.cfg.set("timeout", 60)
+            if post_fork is not None:
+                # Threads do not survive fork(), so each worker starts its own after forking.
+                self.cfg.set("post_fork", post_fork)
 
         def load(self) -> Any:
             return app
