@@ -20,7 +20,7 @@ Query rules, as rust-keylime 0.2.9 applies them (stricter where it is lenient):
 - ``mask``: hexadecimal with or without ``0x``, naming PCRs 0-23 only.
 - ``partial``: ``0`` (send ``pubkey``) or ``1``.
 - ``ima_ml_entry``: a decimal entry index, 0 when absent. rust-keylime reads an invalid value
-  as 0; this agent answers 400 instead.
+  as 0, and this agent rejects it with 400.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ _CONTEXT_KEY: Final = "edgetrust.agent"
 
 
 class QueryError(Exception):
-    """A query parameter is missing or invalid; answered with 400."""
+    """A query parameter is missing or invalid; the response is 400."""
 
     def __init__(self, parameter: str, message: str, *, code: str = "query-parameter-invalid"):
         super().__init__(message)
@@ -71,8 +71,9 @@ class QueryError(Exception):
 
 @dataclass(frozen=True)
 class AgentEvidence:
-    """What the agent API serves: quotes, the IMA list (None without one), the UEFI event log
-    (None without one) and the boot time in seconds since the epoch (None when unknown)."""
+    """Evidence sources of the agent API: the quoter, the IMA list (None without one), the
+    UEFI event log (None without one) and the boot time in seconds since the epoch (None when
+    unknown)."""
 
     agent_id: str
     quoter: AgentQuoter

@@ -1,4 +1,5 @@
-"""What ``edgetrust agent`` runs after enrollment: the evidence sources and the agent API.
+"""The evidence service that ``edgetrust agent`` runs after enrollment: the evidence sources
+and the agent API.
 
 ``AgentService.start`` brings them up in this order:
 

@@ -2,7 +2,7 @@
 
 ``AttestationTpm`` issues the PCR and quote commands over the agent's one ESAPI connection.
 A TPM without a resource manager (swtpm, /dev/tpm0) serves one command stream, so every
-caller (the agent API, the IMA simulator, the event log replay) holds ``AttestationTpm.lock``
+caller (the agent API, the IMA simulator, the event log replay) acquires ``AttestationTpm.lock``
 around the commands that must not interleave. It is the same re-entrant lock that
 ``device.tpm.DeviceTpm`` serialises its own methods with.
 
@@ -77,8 +77,8 @@ _BANK_FIELDS: Final = {
 # Keylime's names for the AK's signing scheme and key type.
 _SIGN_ALG_NAMES: Final = {TpmAlg.RSASSA: "rsassa", TpmAlg.RSAPSS: "rsapss", TpmAlg.ECDSA: "ecdsa"}
 _ENC_ALG_NAMES: Final = {TpmAlg.RSA: "rsa", TpmAlg.ECC: "ecc"}
-# TPM response codes (format-one parameter and handle numbers stripped) that mean the TPM no
-# longer knows a transient handle, for example after another process flushed it.
+# TPM response codes (format-one parameter and handle numbers stripped) that mean no object is
+# loaded at a transient handle any more, for example after another process flushed it.
 _HANDLE_GONE: Final = frozenset({int(TPM2_RC.HANDLE), int(TPM2_RC.REFERENCE_H0)})
 
 
@@ -127,8 +127,9 @@ def selection_digest(bank: TpmAlg, selection: PcrSelection,
 class AttestationTpm:
     """The PCR and quote commands, over an ESAPI connection shared with ``DeviceTpm``.
 
-    Every method holds ``lock`` while it talks to the TPM; callers that need several commands
-    without interleaving hold it around all of them (it is re-entrant).
+    Every method acquires ``lock`` while it talks to the TPM. Callers that need several
+    commands without interleaving acquire it around all of them, which works because it is
+    re-entrant.
     """
 
     def __init__(self, esapi: ESAPI, lock: threading.RLock):
@@ -233,7 +234,7 @@ class QuoteEvidence:
         return marshal_pcr_file(self.selection, self.pcr_values)
 
     def keylime_quote(self) -> str:
-        """The ``quote`` string of a Keylime agent answer."""
+        """The ``quote`` string of a Keylime agent response."""
         return format_keylime_quote(self.attest, self.signature, self.pcr_file)
 
 
@@ -289,7 +290,11 @@ class AgentQuoter:
         """
         if len(nonce) > MAX_QUALIFYING_DATA:
             raise ValueError(f"nonce has {len(nonce)} bytes, at most {MAX_QUALIFYING_DATA} fit")
-        selection = single_bank_selection(self.hash_bank, {*pcrs, DATA_PCR})
+        selected = {*pcrs, DATA_PCR}
+        outside = sorted(index for index in selected if not 0 <= index < PCR_COUNT)
+        if outside:
+            raise ValueError(f"PCRs {outside} are outside 0-{PCR_COUNT - 1}")
+        selection = single_bank_selection(self.hash_bank, selected)
 
         with self.tpm.lock:
             self._bind_payload_key()
@@ -313,7 +318,7 @@ class AgentQuoter:
         self.tpm.extend_pcr(DATA_PCR, {self.hash_bank: self.payload_key.pcr16_digest(self.hash_bank)})
 
     def _quote_with_ak(self, selection: PcrSelection, nonce: bytes) -> tuple[bytes, bytes]:
-        """TPM2_Quote with the loaded AK; load it (again) when the TPM does not know it."""
+        """TPM2_Quote with the loaded AK; load it (again) when its handle is no longer loaded."""
         if self._ak_handle is None:
             self._ak_handle = self._load_ak()
         try:
@@ -321,21 +326,22 @@ class AgentQuoter:
         except TpmError as exc:
             if not _ak_handle_gone(exc.response_code):
                 raise
-            log.warning("the TPM no longer knows the AK handle (%s); loading the AK again",
+            log.warning("the AK handle is no longer loaded in the TPM (%s); loading the AK again",
                         exc.decoded)
         self._ak_handle = self._load_ak()
         return self.tpm.quote(self._ak_handle, selection, nonce)
 
     def close(self) -> None:
         """Flush the AK if it is loaded (TPM2_FlushContext)."""
-        if self._ak_handle is not None:
-            self.tpm.flush(self._ak_handle, "AK")
-            self._ak_handle = None
+        with self.tpm.lock:
+            if self._ak_handle is not None:
+                self.tpm.flush(self._ak_handle, "AK")
+                self._ak_handle = None
 
 
 def _ak_handle_gone(response_code: int) -> bool:
-    """Tell whether a failed TPM2_Quote means the AK handle is no longer usable: the TPM does
-    not know it (a TPM-layer code), or this ESAPI context closed it (ESYS_RC_BAD_TR)."""
+    """Tell whether a failed TPM2_Quote means the AK handle is no longer usable: no object is
+    loaded there (a TPM-layer code), or this ESAPI context closed it (ESYS_RC_BAD_TR)."""
     if response_code == int(TSS2_RC.ESYS_RC_BAD_TR):
         return True
     if response_code > 0xFFFF:

@@ -7,9 +7,9 @@ A device with firmware measured boot has its log in securityfs
 With ``agent_event_log_replay`` set, the agent plays the firmware's part on a TPM simulator:
 once after each TPM reset it extends PCR 0-9 and 14 with the digests the configured log
 records, so that the log replays to the quoted PCRs. ``EV_NO_ACTION`` events extend nothing,
-and events for other PCRs are skipped. ``replay_event_log_into_tpm`` tells "after a reset"
-apart by the PCR values: all of the log's PCRs zero means a fresh reset, all of them equal to
-the log's replay means it already ran.
+and events for other PCRs are skipped. ``replay_event_log_into_tpm`` decides from the PCR
+values whether a reset happened: all of the log's PCRs zero means a fresh reset, and all of
+them equal to the log's replay means the replay already ran.
 
 PCR 0 limit: a log with a StartupLocality event (TPM2_Startup at locality 3, so PCR 0 starts
 as 31 zero bytes and 0x03) or an H-CRTM event (PCR 0 starts at locality 4) cannot be
@@ -54,7 +54,7 @@ class EventLogReplayError(DeviceError):
 
 
 class ReplayOutcome(Enum):
-    """What ``replay_event_log_into_tpm`` did."""
+    """Result of ``replay_event_log_into_tpm``."""
 
     REPLAYED = "replayed"
     ALREADY_REPLAYED = "already-replayed"

@@ -22,8 +22,8 @@ The list file is the simulator's whole state. On start (``ImaSimulator.start``) 
 the list's replay with PCR 10 in every bank:
 
 1. Equal: the agent restarted; continue the list.
-2. PCR 10 is zeros in every bank: the TPM was reset; keep the old list as ``<name>.previous``
-   and start a new one with a fresh boot_aggregate.
+2. PCR 10 is zeros in every bank, so the TPM was reset. Keep the old list as
+   ``<name>.previous`` and start a new one with a fresh boot_aggregate.
 3. A shorter prefix of the list replays to PCR 10: the agent stopped between writing lines and
    extending PCR 10; extend the remaining entries and continue.
 4. Anything else (PCR 10 extended by another program, or a list from another TPM) raises
@@ -96,7 +96,7 @@ class MeasurementListFile:
     Entry E may be 0 to the number of entries (E equal to the count returns no lines yet). A
     larger E, which a verifier sends after the device rebooted and its list shrank, returns
     the whole list from entry 0, as rust-keylime 0.2.9 does. The byte offsets of entries seen
-    before are kept, so a verifier that asks for the newest entries does not make the agent
+    before are kept, so a verifier that requests only the newest entries does not make the agent
     read the whole list again. A file replaced by another one (new inode) starts afresh.
     """
 
@@ -168,7 +168,7 @@ def _read_to_eof(path: Path, offset: int) -> bytes:
 
 @dataclass(frozen=True)
 class _FileState:
-    """What the last measurement of a path saw: its stat key and file digest."""
+    """Stat key and file digest of a path at its last measurement."""
 
     stat_key: tuple[int, ...]
     digest: bytes
@@ -389,8 +389,8 @@ class ImaSimulator:
         return 1
 
     def _append(self, entry: ImaEntry) -> None:
-        """Append the entry's line, then TPM2_PCR_Extend PCR 10 in every bank, under the TPM
-        lock so that no quote sees PCR 10 ahead of the list."""
+        """Append the entry's line, then TPM2_PCR_Extend PCR 10 in every bank. Both run under
+        the TPM lock, so no quote runs between them."""
         line = entry_line(entry)
         with self.tpm.lock:
             _append_line(self.list_path, line)
@@ -410,7 +410,7 @@ class ImaSimulator:
             try:
                 self.measure()
             except DeviceError as exc:
-                log.error("IMA simulator: measuring failed [%s]: %s", exc.code, exc.message)
+                log.error("IMA simulator: a measuring pass failed [%s]: %s", exc.code, exc.message)
 
 
 def _file_digest(path: Path) -> bytes:

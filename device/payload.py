@@ -70,7 +70,7 @@ def load_or_create_payload_key(state_dir: Path) -> PayloadKey:
     """Return the payload key stored in ``state_dir``, creating and storing one on first use.
 
     Raises PayloadKeyError if the file exists but cannot be read or is not an RSA private
-    key; the file is then left in place for the operator.
+    key. The file is then left in place for the operator.
     """
     path = state_dir / PAYLOAD_KEY_FILE_NAME
     try:

@@ -1,8 +1,9 @@
 """``edgetrust agent``: the device agent.
 
-The agent enrolls with the registrar, then runs until SIGTERM or SIGINT. The device modules
-are imported inside the command because they need tpm2-pytss and libtss2, which only devices
-install (the ``device`` extra). Every other command must load without them.
+The agent enrolls with the registrar, then serves the Keylime agent API (quotes, the IMA
+measurement list, the UEFI event log) until SIGTERM or SIGINT. The device modules are imported
+inside the command because they need tpm2-pytss and libtss2, which only devices install (the
+``device`` extra). Every other command must load without them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ EXIT_FAILED = 1
                    "SIGINT.")
 @click.pass_context
 def agent_command(ctx: click.Context, config_file: Path | None, once: bool) -> None:
-    """Run the device agent: enroll with the registrar, then run until SIGTERM or SIGINT."""
+    """Run the device agent: enroll with the registrar, then serve the agent API until SIGTERM
+    or SIGINT."""
     settings = settings_from(config_file)
     stop = StopSignal()
     stop.install()

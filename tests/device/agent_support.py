@@ -181,7 +181,8 @@ def make_client_ca(directory: Path, name: str = "verifier client CA") -> ClientC
 
 # --- Keylime's verifier code ------------------------------------------------------------------
 
-# Runs in Keylime's venv. Reads one JSON request per line on stdin, answers one JSON line.
+# Runs in Keylime's venv. Reads one JSON request per line on stdin and writes one JSON line
+# per request.
 #   {"op": "init", "agent_url", "api", "ak_tpm", "mask", "runtime_policy", "verify", "cert"}
 #   {"op": "round"}: one poll: GET integrity quote, then process_quote_response.
 _VERIFIER_SCRIPT = r'''

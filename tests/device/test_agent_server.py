@@ -1,6 +1,8 @@
-"""The agent API over real HTTP on 127.0.0.1, with swtpm behind it: quotes that evidence.quote
-verifies, the IMA list that replays to the quoted PCR 10, incremental entries, restarts and
-TPM resets, the UEFI event log, query validation and TPM failures."""
+"""The agent API over real HTTP on 127.0.0.1, with swtpm behind it.
+
+Covered: quotes that evidence.quote verifies, the IMA list that replays to the quoted PCR 10,
+incremental entries, restarts and TPM resets, the UEFI event log, query validation and TPM
+failures."""
 
 from __future__ import annotations
 

@@ -157,7 +157,7 @@ def test_agent_serves_mtls_api_after_enrollment(provisioned_swtpm: TpmUnderTest,
     changed_entries = parse_ascii_list(changed["ima_measurement_list"])
     assert changed_entries[3].path == str(car / "config.py")
     assert replay_pcr10(changed_entries, "sha256") == changed_pcrs[10]
-    assert "UEFI event log" in agent.log and "replayed" in agent.log
+    assert ": replayed" in agent.wait_for("UEFI event log .*: replayed")[0]
     assert "agent stopping on SIGTERM" in agent.log
 
 

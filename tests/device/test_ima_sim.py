@@ -1,6 +1,7 @@
-"""The IMA simulator against swtpm, and reading lists by entry: the list replays to the TPM's
-PCR 10 in every bank, changed files add entries, agent restarts continue the list, TPM resets
-start a new one, and readers never see half a line."""
+"""The IMA simulator against swtpm, and reading lists by entry.
+
+The list replays to the TPM's PCR 10 in every bank and changed files add entries. Agent
+restarts continue the list, TPM resets start a new one, and readers never get half a line."""
 
 from __future__ import annotations
 
