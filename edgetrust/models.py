@@ -8,6 +8,7 @@ from __future__ import annotations
 from edgetrust.db import Base
 from registrar import models as registrar_models  # noqa: F401 - registers its tables
 from verifier import models as verifier_models  # noqa: F401 - registers its tables
+from verifier import nodes as verifier_nodes  # noqa: F401 - registers its tables
 from verifier import policy_models  # noqa: F401 - registers its tables
 
 __all__ = ["Base"]
