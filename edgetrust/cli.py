@@ -8,9 +8,11 @@ from edgetrust import __version__
 from edgetrust.commands.agent import agent_command
 from edgetrust.commands.demo import demo_command
 from edgetrust.commands.evidence import evidence_group
+from edgetrust.commands.nodes import nodes_group
 from edgetrust.commands.policy import policy_group
 from edgetrust.commands.poll import poll_command
 from edgetrust.commands.server import db_group, serve_command
+from edgetrust.commands.token import token_group
 
 
 @click.group()
@@ -26,3 +28,5 @@ main.add_command(evidence_group)
 main.add_command(agent_command)
 main.add_command(policy_group)
 main.add_command(demo_command)
+main.add_command(token_group)
+main.add_command(nodes_group)

@@ -10,5 +10,6 @@ from registrar import models as registrar_models  # noqa: F401 - registers its t
 from verifier import models as verifier_models  # noqa: F401 - registers its tables
 from verifier import nodes as verifier_nodes  # noqa: F401 - registers its tables
 from verifier import policy_models  # noqa: F401 - registers its tables
+from verifier import tokens as verifier_tokens  # noqa: F401 - registers its tables
 
 __all__ = ["Base"]

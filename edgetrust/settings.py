@@ -59,6 +59,49 @@ class Settings:
     server_threads: int = _setting(8, "Threads per gunicorn worker.")
     log_level: str = _setting("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
 
+    # API authentication and the trust API
+    api_auth: bool = _setting(
+        True, "Require an API token (Authorization: Bearer) on every route except the Keylime "
+        "agent-facing routes and /healthz. false leaves the whole API open, which the server "
+        "logs at WARNING on start.")
+    admission_client_cns: list[str] = _setting(
+        [], "Common names of client certificates that may call POST /v1/admission without a "
+        "token, as the WSGI server reports them in SSL_CLIENT_S_DN_CN after verifying the "
+        "certificate. Empty means the admission route needs a read token like the others.")
+    jws_signing_key: Path | None = _setting(
+        None, "PEM file of the ECDSA P-256 private key that signs verdicts (JWS ES256). Unset "
+        "means <data_dir>/jws-signing-key.pem, generated on first start. Give every server "
+        "replica the same key.")
+    jws_issuer: str = _setting("edgetrust", "The iss claim of signed verdicts.")
+    trust_batch_max_items: int = _setting(
+        1000, "Most device ids or node names one POST /v1/verdicts:batch request may name.")
+    trust_stream_poll_interval: float = _setting(
+        1.0, "Seconds between two reads of the verdict history by each open verdict stream.")
+    trust_stream_heartbeat: float = _setting(
+        15.0, "Seconds without an event after which a verdict stream sends a heartbeat comment.")
+    trust_stream_max_seconds: float = _setting(
+        300.0, "Seconds after which the server ends a verdict stream; clients reconnect with "
+        "Last-Event-ID and miss nothing.")
+
+    # Node controller (edgetrust nodes controller)
+    nodes_kube_api_url: str = _setting(
+        "", "URL of the Kubernetes API server; empty means the in-cluster service account "
+        "configuration.")
+    nodes_kube_token_file: Path | None = _setting(
+        None, "File holding the bearer token for nodes_kube_api_url.")
+    nodes_kube_ca_file: Path | None = _setting(
+        None, "PEM CA bundle that signs the certificate of nodes_kube_api_url.")
+    nodes_trust_api_url: str = _setting(
+        "http://127.0.0.1:8890", "Base URL of the trust API that the node controller reads "
+        "verdicts from.")
+    nodes_trust_token_file: Path | None = _setting(
+        None, "File holding a read API token for nodes_trust_api_url.")
+    nodes_interval: float = _setting(
+        10.0, "Seconds between two passes of the node controller over all nodes.")
+    nodes_backoff_max: float = _setting(
+        60.0, "Longest delay, in seconds, before the node controller retries after the "
+        "Kubernetes API server or the trust API failed; the delay starts at 1 s and doubles.")
+
     # Registrar
     ek_ca_dir: Path | None = _setting(
         None, "Directory of PEM files (roots and intermediates) that EK certificates must chain "
@@ -156,6 +199,32 @@ class Settings:
     verifier_poll_in_server: bool = _setting(
         True, "Run the poller inside `edgetrust serve` when the database is SQLite. With "
         "PostgreSQL, run `edgetrust poll` workers instead.")
+
+    # Admission webhook and rollout gate
+    admission_timeout: float = _setting(
+        10.0, "timeoutSeconds of the ValidatingWebhookConfiguration, 1 to 30. The webhook "
+        "decides within 70% of it and denies an image whose signature check has not finished.")
+    gate_timeout: float = _setting(
+        30.0, "Seconds a POST /v1/gate request may spend checking the image signature.")
+    image_signature_policy: str = _setting(
+        "image-signature", "Name of the image-signature policy in the policy store that lists "
+        "the cosign keys allowed to sign each repository.")
+    image_signature_cache_size: int = _setting(
+        4096, "Successful image signature checks kept in memory per server process; 0 turns "
+        "the cache off.")
+    image_signature_cache_seconds: float = _setting(
+        3600.0, "Seconds a successful image signature check is reused. A signature deleted "
+        "from the registry still counts this long.")
+    image_check_threads: int = _setting(
+        16, "Image signature checks that run at the same time in one server process.")
+    registry_plain_http: list[str] = _setting(
+        [], "Registries, as host or host:port, reached over plain HTTP instead of HTTPS.")
+    registry_ca_bundle: Path | None = _setting(
+        None, "PEM file of the CA certificates that registries' TLS certificates must chain to "
+        "(default: the CA bundle of the requests package).")
+    registry_request_timeout: float = _setting(
+        10.0, "Maximum seconds one registry request may take; the admission and gate "
+        "deadlines may end it sooner.")
 
     @property
     def effective_database_url(self) -> str:
