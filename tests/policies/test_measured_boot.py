@@ -372,11 +372,11 @@ def test_cli_secureboot_off_needs_flag(fixtures_dir: Path) -> None:
     eventlog = fixtures_dir / "eventlog" / "keylime-binary_bios_measurements"
     arguments = ["policy", "create", "measured-boot", "--eventlog", str(eventlog)]
 
-    refused = CliRunner().invoke(main, arguments)
+    rejected = CliRunner().invoke(main, arguments)
     allowed = CliRunner().invoke(main, [*arguments, "--without-secureboot"])
 
-    assert refused.exit_code == 2
-    assert "--without-secureboot" in refused.output
+    assert rejected.exit_code == 2
+    assert "--without-secureboot" in rejected.output
     assert allowed.exit_code == 0, allowed.output
     assert json.loads(allowed.output)["has_secureboot"] is False
 

@@ -474,13 +474,13 @@ def run_cli(api: Api, *arguments: str) -> Any:
 def test_cli_upload_list_show_delete(api: Api, tmp_path: Path) -> None:
     policy_file = tmp_path / "pcr.json"
     policy_file.write_text(json.dumps(pcr_policy()))
-    shown = tmp_path / "shown.json"
+    shown_file = tmp_path / "shown_file.json"
 
     first = run_cli(api, "upload", "fleet", str(policy_file), "--kind", "pcr")
     policy_file.write_text(json.dumps(pcr_policy("11" * 32)))
     second = run_cli(api, "upload", "fleet", str(policy_file), "--kind", "pcr")
     listed = run_cli(api, "list")
-    show = run_cli(api, "show", "fleet", "--version", "1", "-o", str(shown))
+    show = run_cli(api, "show", "fleet", "--version", "1", "-o", str(shown_file))
     deleted = run_cli(api, "delete", "fleet")
 
     assert first.exit_code == 0, first.output
@@ -489,7 +489,7 @@ def test_cli_upload_list_show_delete(api: Api, tmp_path: Path) -> None:
     assert "version 2" in second.output
     assert "fleet\tpcr\tversion 2" in listed.output
     assert show.exit_code == 0, show.output
-    assert json.loads(shown.read_text()) == pcr_policy()
+    assert json.loads(shown_file.read_text()) == pcr_policy()
     assert deleted.exit_code == 0, deleted.output
     assert "2 versions" in deleted.output
 

@@ -289,6 +289,29 @@ def test_delete_in_use_by_foreign_key(migrated_engine: Engine,
     assert count(sessions, PolicyContent) == 1
 
 
+def test_update_leaves_device_rows_alone(migrated_engine: Engine,
+                                         sessions: sessionmaker[Session]) -> None:
+    # Devices refer to a name and load its latest version at their next attestation, so a new
+    # version changes no device row, such as the verifier's IMA progress.
+    with migrated_engine.begin() as connection:
+        connection.execute(text(
+            "CREATE TABLE test_devices (device_id VARCHAR(64) PRIMARY KEY, "
+            "policy_name VARCHAR(255) REFERENCES policies (name), next_ima_entry INTEGER)"
+        ))
+    put(sessions, "fleet-pcr", "pcr", pcr_policy())
+    with transaction(sessions) as session:
+        session.execute(text("INSERT INTO test_devices VALUES ('car-1', 'fleet-pcr', 417)"))
+
+    updated = put(sessions, "fleet-pcr", "pcr", pcr_policy("aa" * 32))
+
+    assert updated.version.version == 2
+    with migrated_engine.connect() as connection:
+        device = connection.execute(text("SELECT policy_name, next_ima_entry FROM test_devices")).one()
+    assert tuple(device) == ("fleet-pcr", 417)
+    with sessions() as session:
+        assert policy_store.latest(session, "fleet-pcr").content_hash == updated.version.content_hash
+
+
 def test_concurrent_uploads_get_consecutive_versions(sessions: sessionmaker[Session]) -> None:
     uploads = 8
     barrier = threading.Barrier(uploads)
