@@ -13,6 +13,9 @@ An upload is ``{"kind": "<kind>", "policy": {...}}``, or for a signed policy
 error is a 400 whose ``field`` is the JSON path of the value at fault from the request body's
 top, such as ``policy.digests["/usr/bin/bash"][0]``, and nothing is stored.
 
+Every route needs an API token with the admin scope; ``edgetrust.auth`` checks it before any
+view runs.
+
 Signed uploads are verified with the keys the ``PolicyApi`` was built with. With none, the
 request must carry the public key to verify with, as Keylime's verifier accepts
 ``runtime_policy_key``. The stored version then records which key signed it, but such a key
@@ -175,9 +178,6 @@ def _json_response(document: Mapping[str, Any], status: int) -> Response:
 
 
 # --- Routes -----------------------------------------------------------------------------------
-
-# TODO: these routes are not authenticated yet; API tokens with scopes will guard them.
-
 
 @blueprint.post("/v1/policies/<name>")
 def create_policy(name: str) -> Response:

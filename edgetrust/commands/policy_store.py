@@ -1,6 +1,7 @@
 """``edgetrust policy store``: upload, list, show and delete policies on an edgetrust server.
 
-The commands call the server's policy API (``/v1/policies``) over HTTP. Exit status: 0 on
+The commands call the server's policy API (``/v1/policies``) over HTTP with an API token of
+the admin scope (``edgetrust token create``). Exit status: 0 on
 success, 1 when the server rejects the request, 2 when an input file cannot be read or the
 server cannot be reached.
 """
@@ -35,6 +36,10 @@ class RequestRejected(click.ClickException):
 
 
 def server_option(function: Any) -> Any:
+    function = click.option(
+        "--token", envvar="EDGETRUST_TOKEN",
+        help="API token with the admin scope, sent as a bearer token (also $EDGETRUST_TOKEN).",
+    )(function)
     return click.option(
         "--server", envvar="EDGETRUST_SERVER",
         help="Base URL of the edgetrust server (also $EDGETRUST_SERVER; default: "
@@ -59,7 +64,7 @@ def store_group() -> None:
 @server_option
 @config_option
 def upload_command(name: str, policy_path: Path, kind: str, public_key_path: Path | None,
-                   server: str | None, config_file: Path | None) -> None:
+                   server: str | None, token: str | None, config_file: Path | None) -> None:
     """Store FILE as policy NAME: a new policy, or a new version of an existing one."""
     document = _read_json(policy_path)
     if is_envelope(document):
@@ -72,9 +77,9 @@ def upload_command(name: str, policy_path: Path, kind: str, public_key_path: Pat
         body = {"kind": kind, "policy": document}
     base = _policies_url(server, config_file)
 
-    response = _call("POST", f"{base}/{name}", json=body)
+    response = _call("POST", f"{base}/{name}", token, json=body)
     if response.status_code == 409 and _error(response).get("code") == "policy-exists":
-        response = _call("PUT", f"{base}/{name}", json=body)
+        response = _call("PUT", f"{base}/{name}", token, json=body)
     result = _result(response)
 
     state = "stored as" if result["created"] else "unchanged, still"
@@ -86,10 +91,11 @@ def upload_command(name: str, policy_path: Path, kind: str, public_key_path: Pat
 @click.option("--kind", type=click.Choice(POLICY_KINDS), help="List only policies of this kind.")
 @server_option
 @config_option
-def list_command(kind: str | None, server: str | None, config_file: Path | None) -> None:
+def list_command(kind: str | None, server: str | None, token: str | None,
+                 config_file: Path | None) -> None:
     """List the latest version of every stored policy."""
     params = {"kind": kind} if kind else {}
-    result = _result(_call("GET", _policies_url(server, config_file), params=params))
+    result = _result(_call("GET", _policies_url(server, config_file), token, params=params))
 
     for item in result["policies"]:
         signed = f", signed by {item['signed_by'][:16]}" if item["signed_by"] else ""
@@ -105,10 +111,11 @@ def list_command(kind: str | None, server: str | None, config_file: Path | None)
 @server_option
 @config_option
 def show_command(name: str, version: int | None, output: Path | None, server: str | None,
-                 config_file: Path | None) -> None:
+                 token: str | None, config_file: Path | None) -> None:
     """Print a stored policy's document; the version details go to stderr."""
     params = {"version": version} if version is not None else {}
-    result = _result(_call("GET", f"{_policies_url(server, config_file)}/{name}", params=params))
+    result = _result(_call("GET", f"{_policies_url(server, config_file)}/{name}", token,
+                           params=params))
 
     click.echo(f"policy {result['name']} version {result['version']} ({result['kind']}, "
                f"content {result['content_hash']})", err=True)
@@ -123,9 +130,10 @@ def show_command(name: str, version: int | None, output: Path | None, server: st
 @click.argument("name")
 @server_option
 @config_option
-def delete_command(name: str, server: str | None, config_file: Path | None) -> None:
+def delete_command(name: str, server: str | None, token: str | None,
+                   config_file: Path | None) -> None:
     """Delete every version of policy NAME; the server rejects this while devices use it."""
-    result = _result(_call("DELETE", f"{_policies_url(server, config_file)}/{name}"))
+    result = _result(_call("DELETE", f"{_policies_url(server, config_file)}/{name}", token))
 
     click.echo(f"deleted policy {result['name']} ({result['deleted_versions']} versions)")
 
@@ -137,9 +145,10 @@ def _policies_url(server: str | None, config_file: Path | None) -> str:
     return server.rstrip("/") + "/v1/policies"
 
 
-def _call(method: str, url: str, **kwargs: Any) -> requests.Response:
+def _call(method: str, url: str, token: str | None, **kwargs: Any) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        return requests.request(method, url, timeout=REQUEST_TIMEOUT, **kwargs)
+        return requests.request(method, url, headers=headers, timeout=REQUEST_TIMEOUT, **kwargs)
     except requests.RequestException as error:
         raise InputError(f"{method} {url} failed: {error}") from None
 

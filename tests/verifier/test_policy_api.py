@@ -6,6 +6,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, func, select, text
 
 from edgetrust.app import create_app
+from edgetrust.db import make_session_factory, transaction
 from edgetrust.settings import Settings
 from policies.dsse import sign_envelope
 from policies.runtime import empty_policy_document
@@ -23,6 +25,7 @@ from tests.support.server import serving
 from verifier import policy_store
 from verifier.policy_api import PolicyApi
 from verifier.policy_models import Policy, PolicyContent, PolicyVersion
+from verifier.tokens import Scope, create_token
 
 SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
 OTHER_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -58,10 +61,14 @@ def signed_upload(document: dict[str, Any], key: ec.EllipticCurvePrivateKey = SI
 
 
 class Api:
-    def __init__(self, url: str, engine: Engine) -> None:
+    def __init__(self, url: str, engine: Engine, admin_token: str, read_token: str) -> None:
         self.url = url + "/v1/policies"
         self.engine = engine
+        self.admin_token = admin_token
+        self.read_token = read_token
+        self.headers = {"Authorization": f"Bearer {admin_token}"}
         self.http = requests.Session()
+        self.http.headers.update(self.headers)
 
     def post(self, name: str, body: Any) -> requests.Response:
         return self.http.post(f"{self.url}/{name}", json=body, timeout=60)
@@ -90,8 +97,12 @@ def app(migrated_engine: Engine, tmp_path: Path) -> Any:
 @pytest.fixture
 def api(app: Any, migrated_engine: Engine) -> Iterator[Api]:
     policy_store.COMPILED_POLICIES.clear()
+    now = datetime.now(UTC)
+    with transaction(make_session_factory(migrated_engine)) as session:
+        _admin, admin_token = create_token(session, "policy-admin", Scope.ADMIN, now=now)
+        _reader, read_token = create_token(session, "policy-reader", Scope.READ, now=now)
     with serving(app) as server:
-        yield Api(server.url, migrated_engine)
+        yield Api(server.url, migrated_engine, admin_token, read_token)
 
 
 def error_of(response: requests.Response) -> dict[str, Any]:
@@ -404,6 +415,7 @@ def test_concurrent_puts_give_consecutive_versions(api: Api) -> None:
 
     def upload(index: int) -> None:
         session = requests.Session()
+        session.headers.update(api.headers)
         barrier.wait()
         response = session.put(f"{api.url}/contested",
                                json={"kind": "pcr", "policy": pcr_policy(f"{index + 1:064x}")},
@@ -429,6 +441,7 @@ def test_concurrent_posts_of_one_name(api: Api) -> None:
 
     def upload(index: int) -> None:
         session = requests.Session()
+        session.headers.update(api.headers)
         barrier.wait()
         response = session.post(f"{api.url}/racing",
                                 json={"kind": "pcr", "policy": pcr_policy(f"{index + 1:064x}")},
@@ -459,6 +472,47 @@ def test_big_policy_upload(api: Api) -> None:
     assert len(api.get("big").json()["policy"]["digests"]) == 200_000
 
 
+# --- Authentication ---------------------------------------------------------------------------
+
+
+def test_routes_need_token(api: Api) -> None:
+    anonymous = requests.Session()
+
+    responses = [
+        anonymous.post(f"{api.url}/fleet", json={"kind": "pcr", "policy": pcr_policy()}, timeout=30),
+        anonymous.get(api.url, timeout=30),
+        anonymous.delete(f"{api.url}/fleet", timeout=30),
+    ]
+
+    assert [response.status_code for response in responses] == [401, 401, 401]
+    assert api.count(Policy) == 0
+
+
+def test_read_token_cannot_change_policies(api: Api) -> None:
+    reader = requests.Session()
+    reader.headers["Authorization"] = f"Bearer {api.read_token}"
+
+    response = reader.post(f"{api.url}/fleet", json={"kind": "pcr", "policy": pcr_policy()},
+                           timeout=30)
+
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "forbidden"
+    assert api.count(Policy) == 0
+
+
+def test_cli_without_token_is_rejected(api: Api) -> None:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+
+    server = api.url.removesuffix("/v1/policies")
+    result = CliRunner().invoke(main, ["policy", "store", "list", "--server", server],
+                                env={"EDGETRUST_TOKEN": ""})
+
+    assert result.exit_code == 1
+    assert "unauthorized" in result.output
+
+
 # --- Command line -----------------------------------------------------------------------------
 
 
@@ -468,7 +522,8 @@ def run_cli(api: Api, *arguments: str) -> Any:
     from edgetrust.cli import main
 
     server = api.url.removesuffix("/v1/policies")
-    return CliRunner().invoke(main, ["policy", "store", *arguments, "--server", server])
+    return CliRunner().invoke(main, ["policy", "store", *arguments, "--server", server,
+                                     "--token", api.admin_token])
 
 
 def test_cli_upload_list_show_delete(api: Api, tmp_path: Path) -> None:
