@@ -50,8 +50,11 @@ def _installers() -> list[Installer]:
     """Return each package's ``install(app, services) -> domain error classes`` function."""
     from edgetrust.auth import install as install_auth
     from registrar.api import install as install_registrar
+    from verifier.admission_api import install as install_admission
     from verifier.api import install as install_verifier
+    from verifier.gate_api import install as install_gate
     from verifier.policy_api import install as install_policies
     from verifier.trust_api import install as install_trust
 
-    return [install_auth, install_registrar, install_policies, install_verifier, install_trust]
+    return [install_auth, install_registrar, install_policies, install_verifier, install_admission,
+            install_gate, install_trust]
