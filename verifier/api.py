@@ -13,7 +13,8 @@ policy store.
     GET    /v1/devices/{id}/verdict            the verdict as it stands now
     GET    /v1/devices/{id}/attestations?limit=N   the newest N attestations with findings
 
-TODO: these routes take no credentials yet; API tokens will guard them.
+``edgetrust.auth`` checks the API token of every request: reading a verdict needs the ``read``
+scope, every other route here ``admin``.
 """
 
 from __future__ import annotations

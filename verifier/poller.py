@@ -8,7 +8,8 @@ One cycle for one device:
    a conditional UPDATE that still requires the row to be due, which on SQLite (one writer at
    a time) keeps two pollers from claiming one device too. A poller that dies leaves its
    devices claimed until the lease expires; then they are due again.
-2. Load the device, its registrar row (AK, EK, mTLS certificate), its policies and its state.
+2. Load, in the claim's transaction: the device with its state, its registrar row (AK, EK,
+   mTLS certificate) and the latest version of each of its policies.
 3. Request a quote over a fresh nonce of 20 letters and digits (single use, like Keylime's),
    for the PCRs its policies need and the IMA list from the next unverified entry.
 4. Verify with ``engine.verify``. When the device rebooted and sent the list from the old
@@ -38,17 +39,18 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.db import transaction
 from edgetrust.settings import Settings, SettingsError
+from evidence.errors import EvidenceError
 from evidence.findings import Finding, Severity
 from evidence.quote import load_ak_public
 from evidence.tpm import PublicArea, ak_qualified_name, parse_tpm2b_public
@@ -67,6 +69,7 @@ from verifier.engine import (
     Evidence,
     Loaded,
     PolicySet,
+    PolicyT,
     VerificationResult,
     pcr_mask,
     requested_pcrs,
@@ -74,6 +77,7 @@ from verifier.engine import (
 )
 from verifier.errors import AgentError, VerifierError
 from verifier.models import Attestation, VerdictRecord, VerifierDevice
+from verifier.policy_models import Policy, PolicyVersion
 from verifier.state import DeviceState
 from verifier.verdicts import AppliedPolicy, Verdict, VerdictStatus, unknown_verdict
 
@@ -112,7 +116,7 @@ class PollerOptions:
     lease_seconds: float = 60.0
     agent_timeout: float = 10.0
     backoff_max: float = 300.0
-    idle_wait: float = 1.0
+    idle_wait: float = 0.1
     """Maximum sleep, in seconds, between two queries for due devices."""
     engine: EngineOptions = field(default_factory=EngineOptions)
 
@@ -172,35 +176,52 @@ def agent_client_from_settings(settings: Settings) -> AgentClient:
 
 
 class PolicyResolver:
-    """Load a device's policies: the latest version of each name, compiled once per content."""
+    """Load devices' policies: the latest version of each name, compiled once per content."""
 
-    def load(self, session: Session, device: VerifierDevice) -> PolicySet:
-        """Raise PolicyError, policy_store.PolicyStoreError or VerifierError when a policy
-        cannot be loaded."""
-        runtime = measured_boot = pcr = None
-        if device.runtime_policy is not None:
-            applied, compiled = self._latest(session, "runtime", device.runtime_policy)
-            if not isinstance(compiled, RuntimePolicy):
-                raise _kind_error(device.runtime_policy, "runtime")
-            runtime = Loaded(applied, compiled)
-        if device.mb_policy is not None:
-            applied, compiled = self._latest(session, "measured-boot", device.mb_policy)
-            if not isinstance(compiled, MeasuredBootPolicy):
-                raise _kind_error(device.mb_policy, "measured-boot")
-            measured_boot = Loaded(applied, compiled)
-        if device.pcr_policy is not None:
-            applied, compiled = self._latest(session, "pcr", device.pcr_policy)
-            if not isinstance(compiled, PcrPolicy):
-                raise _kind_error(device.pcr_policy, "pcr")
-            pcr = Loaded(applied, compiled)
-        return PolicySet(runtime=runtime, measured_boot=measured_boot, pcr=pcr)
+    def load_many(self, session: Session,
+                  devices: Sequence[VerifierDevice]) -> dict[str, PolicySet | Finding]:
+        """Return each device's policies, or a finding saying why they cannot be loaded."""
+        names = {name for device in devices for name in _policy_names(device) if name is not None}
+        versions = self._latest_versions(session, names) if names else {}
+        loaded: dict[str, PolicySet | Finding] = {}
+        for device in devices:
+            try:
+                loaded[device.device_id] = PolicySet(
+                    runtime=self._loaded(session, versions, device.runtime_policy, "runtime", RuntimePolicy),
+                    measured_boot=self._loaded(session, versions, device.mb_policy, "measured-boot",
+                                               MeasuredBootPolicy),
+                    pcr=self._loaded(session, versions, device.pcr_policy, "pcr", PcrPolicy),
+                )
+            except (PolicyError, policy_store.PolicyStoreError, VerifierError) as error:
+                log.error("policies of the device cannot be loaded (%s): %s", error.code, error,
+                          extra={"device_id": device.device_id})
+                loaded[device.device_id] = _warning(POLICY_UNAVAILABLE, f"policies cannot be loaded: {error}")
+        return loaded
 
-    def _latest(self, session: Session, kind: str, name: str) -> tuple[AppliedPolicy, object]:
-        version = policy_store.latest(session, name)
-        if version.kind != kind:
-            raise _kind_error(name, kind)
+    def _latest_versions(self, session: Session, names: set[str]) -> dict[str, PolicyVersion]:
+        query = (
+            select(PolicyVersion)
+            .join(Policy, (Policy.name == PolicyVersion.name)
+                  & (Policy.latest_version == PolicyVersion.version))
+            .where(PolicyVersion.name.in_(names))
+        )
+        return {version.name: version for version in session.scalars(query)}
+
+    def _loaded(self, session: Session, versions: Mapping[str, PolicyVersion], name: str | None, kind: str,
+                compiled_type: type[PolicyT]) -> Loaded[PolicyT] | None:
+        if name is None:
+            return None
+        version = versions.get(name)
+        if version is None:
+            raise VerifierError(f"policy {name!r} has no stored version", code="policy-not-found")
         compiled = policy_store.compiled(session, version.content_hash)
-        return AppliedPolicy(kind, version.name, version.version, version.content_hash), compiled
+        if version.kind != kind or not isinstance(compiled, compiled_type):
+            raise _kind_error(name, kind)
+        return Loaded(AppliedPolicy(kind, name, version.version, version.content_hash), compiled)
+
+
+def _policy_names(device: VerifierDevice) -> tuple[str | None, ...]:
+    return device.runtime_policy, device.mb_policy, device.pcr_policy
 
 
 def _kind_error(name: str, kind: str) -> VerifierError:
@@ -210,26 +231,21 @@ def _kind_error(name: str, kind: str) -> VerifierError:
 # --- Claims and jobs ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Claim:
-    """A device claimed by this poller until ``lease_expires_at``."""
+    """A device claimed by this poller until ``lease_expires_at``, with what attesting it needs,
+    loaded in the claim's transaction."""
 
     device_pk: int
     device_id: str
     lease_id: str
     scheduled_at: datetime
     lease_expires_at: datetime
-
-
-@dataclass(frozen=True)
-class _Job:
-    """The inputs of one attestation, loaded from the database before the network request."""
-
-    claim: Claim
     contact: AgentContact
     poll_interval: float
     consecutive_failures: int
     verdict_key: tuple[str, tuple[str, ...]]
+    """Status and reason codes of the current verdict, to tell whether the next one changes them."""
     enrollment: Enrollment | None = None
     policies: PolicySet = PolicySet()
     state: DeviceState | None = None
@@ -279,12 +295,14 @@ class Poller:
         *,
         resolver: PolicyResolver | None = None,
         clock: Callable[[], datetime] = utc_now,
+        nonce_source: Callable[[], str] = new_nonce,
     ) -> None:
         self._sessions = sessions
         self._client = client
         self.options = options
         self._resolver = resolver or PolicyResolver()
         self._clock = clock
+        self._new_nonce = nonce_source
         self._postgresql = sessions.kw["bind"].dialect.name == "postgresql"
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
@@ -299,19 +317,19 @@ class Poller:
         in_flight: set[Future[None]] = set()
         with ThreadPoolExecutor(threads, thread_name_prefix="poller") as pool:
             while not stop.is_set():
-                free = 2 * threads - len(in_flight)
-                claims = self._claim_safely(min(free, self.options.batch_size)) if free > 0 else []
+                # Claim no more than the threads can start soon, so that claims do not wait
+                # in the queue while their leases run down.
+                limit = min(2 * threads - len(in_flight), self.options.batch_size)
+                claims = self._claim_safely(limit) if limit > 0 else []
                 for claim in claims:
                     in_flight.add(pool.submit(self.attest, claim))
-                if free > 0 and len(claims) == min(free, self.options.batch_size):
+                if limit > 0 and len(claims) == limit:
                     continue  # more may be due: claim again at once
                 if in_flight:
-                    timeout = self._sleep_seconds()
-                    done, in_flight = wait(in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
-                    if not done:
-                        continue
+                    idle = self.options.idle_wait
+                    _, in_flight = wait(in_flight, timeout=idle, return_when=FIRST_COMPLETED)
                 else:
-                    stop.wait(self._sleep_seconds())
+                    stop.wait(self.options.idle_wait)
             wait(in_flight)
         log.info("poller %s stopped", self.options.poller_id)
 
@@ -338,44 +356,31 @@ class Poller:
             time.sleep(self.options.idle_wait)
             return []
 
-    def _sleep_seconds(self) -> float:
-        """Return how long to wait for the next due device, at most ``idle_wait``."""
-        try:
-            with self._sessions() as session:
-                next_due = session.scalar(
-                    select(func.min(VerifierDevice.next_poll_at)).where(VerifierDevice.paused.is_(False))
-                )
-        except Exception:  # noqa: BLE001 - logged by the next claim, which fails the same way
-            return self.options.idle_wait
-        if next_due is None:
-            return self.options.idle_wait
-        seconds = (as_utc(next_due) - self._clock()).total_seconds()
-        return min(max(seconds, 0.01), self.options.idle_wait)
-
     # --- claim ---
 
     def claim(self, limit: int) -> list[Claim]:
-        """Claim up to ``limit`` due devices, earliest first."""
+        """Claim up to ``limit`` due devices, earliest first, and load what attesting them needs."""
         now = self._clock()
         lease_id = str(uuid.uuid4())
         lease_expires_at = now + timedelta(seconds=self.options.lease_seconds)
         due = (
-            select(VerifierDevice.id, VerifierDevice.device_id, VerifierDevice.next_poll_at)
+            select(VerifierDevice, RegisteredDevice)
+            .join(RegisteredDevice, RegisteredDevice.device_id == VerifierDevice.device_id)
             .where(VerifierDevice.paused.is_(False), VerifierDevice.next_poll_at <= now)
             .order_by(VerifierDevice.next_poll_at)
             .limit(limit)
         )
         if self._postgresql:
-            due = due.with_for_update(skip_locked=True)
+            due = due.with_for_update(skip_locked=True, of=VerifierDevice)
 
         with transaction(self._sessions) as session:
-            rows = session.execute(due).all()
+            rows = [(device, registered) for device, registered in session.execute(due).all()]
             if not rows:
                 return []
             claimed = set(session.scalars(
                 update(VerifierDevice)
                 .where(
-                    VerifierDevice.id.in_([row.id for row in rows]),
+                    VerifierDevice.id.in_([device.id for device, _ in rows]),
                     VerifierDevice.paused.is_(False),
                     VerifierDevice.next_poll_at <= now,
                 )
@@ -384,10 +389,52 @@ class Poller:
                 .returning(VerifierDevice.id)
                 .execution_options(synchronize_session=False)
             ))
-        return [
-            Claim(row.id, row.device_id, lease_id, as_utc(row.next_poll_at), lease_expires_at)
-            for row in rows if row.id in claimed
-        ]
+            rows = [(device, registered) for device, registered in rows if device.id in claimed]
+            policies = self._resolver.load_many(session, [device for device, _ in rows])
+            return [
+                self._claim_of(device, registered, policies[device.device_id], lease_id, lease_expires_at)
+                for device, registered in rows
+            ]
+
+    def _claim_of(self, device: VerifierDevice, registered: RegisteredDevice, policies: PolicySet | Finding,
+                  lease_id: str, lease_expires_at: datetime) -> Claim:
+        claim = Claim(
+            device_pk=device.id,
+            device_id=device.device_id,
+            lease_id=lease_id,
+            scheduled_at=as_utc(device.next_poll_at),
+            lease_expires_at=lease_expires_at,
+            contact=AgentContact(device.device_id, device.ip, device.port, registered.mtls_cert),
+            poll_interval=device.poll_interval,
+            consecutive_failures=device.consecutive_failures,
+            verdict_key=(device.verdict_status, tuple(reason["code"] for reason in device.verdict_reasons)),
+            state=self._state_of(device),
+        )
+        if not registered.active:
+            return replace(claim, blocked=_warning(
+                DEVICE_NOT_ACTIVE, "the registrar has a pending credential challenge for this device "
+                "and no proven AK; waiting until it activates"))
+        if isinstance(policies, Finding):
+            return replace(claim, blocked=policies)
+        try:
+            enrollment = enrollment_of(registered)
+        except EvidenceError as error:
+            log.error("the registrar's AK or EK of the device cannot be parsed: %s", error,
+                      extra={"device_id": device.device_id})
+            return replace(claim, blocked=_warning("enrollment-invalid", f"the registrar's AK or EK "
+                                                   f"cannot be parsed: {error.message}"))
+        return replace(claim, enrollment=enrollment, policies=policies)
+
+    def _state_of(self, device: VerifierDevice) -> DeviceState | None:
+        if device.state is None:
+            return None
+        try:
+            return DeviceState.from_json(device.state)
+        except VerifierError as error:
+            # The next attestation starts a fresh session: IMA from entry 0, counters unknown.
+            log.error("stored state is unusable, starting from scratch: %s", error,
+                      extra={"device_id": device.device_id})
+            return None
 
     # --- attest ---
 
@@ -406,11 +453,8 @@ class Poller:
             self._count("claims_expired")
             return
         try:
-            job = self._load(claim)
-            if job is None:
-                return
-            outcome = self._run(job, started_at)
-            self._store(job, outcome, started_at)
+            outcome = self._run(claim, started_at)
+            self._store(claim, outcome, started_at)
         except _LeaseLost:
             log.warning("claim lost before the result was stored (device removed, or claimed by "
                         "another poller after the lease expired); result discarded",
@@ -422,65 +466,28 @@ class Poller:
             self._count("faults")
             self._release_after_fault(claim)
 
-    def _load(self, claim: Claim) -> _Job | None:
-        with transaction(self._sessions) as session:
-            device = session.get(VerifierDevice, claim.device_pk)
-            if device is None or device.lease_id != claim.lease_id:
-                raise _LeaseLost
-            registered = session.scalars(
-                select(RegisteredDevice).where(RegisteredDevice.device_id == device.device_id)
-            ).one()
-            contact = AgentContact(device.device_id, device.ip, device.port, registered.mtls_cert)
-            verdict_key = (device.verdict_status, tuple(r["code"] for r in device.verdict_reasons))
-            job = _Job(claim, contact, device.poll_interval, device.consecutive_failures, verdict_key)
-
-            if not registered.active:
-                return replace(job, blocked=_warning(
-                    DEVICE_NOT_ACTIVE, "the registrar has a pending credential challenge for this "
-                    "device and no proven AK; waiting until it activates"))
-            try:
-                policies = self._resolver.load(session, device)
-            except (PolicyError, policy_store.PolicyStoreError, VerifierError) as error:
-                log.error("policies of the device cannot be loaded (%s): %s", error.code, error,
-                          extra={"device_id": device.device_id})
-                blocked = _warning(POLICY_UNAVAILABLE, f"policies cannot be loaded: {error}")
-                return replace(job, blocked=blocked)
-            state = self._state_of(device)
-            return replace(job, enrollment=enrollment_of(registered), policies=policies, state=state)
-
-    def _state_of(self, device: VerifierDevice) -> DeviceState | None:
-        if device.state is None:
-            return None
-        try:
-            return DeviceState.from_json(device.state)
-        except VerifierError as error:
-            # The next attestation starts a fresh session: IMA from entry 0, counters unknown.
-            log.error("stored state is unusable, starting from scratch: %s", error,
-                      extra={"device_id": device.device_id})
-            return None
-
-    def _run(self, job: _Job, started_at: datetime) -> _Outcome:
-        if job.blocked is not None or job.enrollment is None:
-            finding = job.blocked or _warning(DEVICE_NOT_ACTIVE, "no enrollment")
-            verdict = unknown_verdict(job.contact.device_id, finding.code, finding.message,
+    def _run(self, claim: Claim, started_at: datetime) -> _Outcome:
+        if claim.blocked is not None or claim.enrollment is None:
+            finding = claim.blocked or _warning(DEVICE_NOT_ACTIVE, "no enrollment")
+            verdict = unknown_verdict(claim.contact.device_id, finding.code, finding.message,
                                       issued_at=started_at)
-            return _Outcome(verdict, (finding,), job.state, True, None, None, {})
+            return _Outcome(verdict, (finding,), claim.state, True, None, None, {})
 
-        state = job.state
+        state = claim.state
         restarted = False
         while True:
             offset = state.ima.next_index if state is not None else 0
-            pcrs = requested_pcrs(job.policies)
-            nonce = new_nonce()
+            pcrs = requested_pcrs(claim.policies)
+            nonce = self._new_nonce()
             challenge = Challenge(nonce.encode("ascii"), pcrs, offset, self._clock())
             try:
-                evidence = self._client.request_quote(job.contact, nonce=nonce, mask=pcr_mask(pcrs),
+                evidence = self._client.request_quote(claim.contact, nonce=nonce, mask=pcr_mask(pcrs),
                                                       ima_ml_entry=offset)
             except AgentError as error:
-                return self._unreachable(job, error, nonce, offset)
+                return self._unreachable(claim, error, nonce, offset)
 
-            result = verify(evidence, job.enrollment, job.policies, state, challenge=challenge,
-                            now=self._clock(), poll_interval=job.poll_interval, options=self.options.engine)
+            result = verify(evidence, claim.enrollment, claim.policies, state, challenge=challenge,
+                            now=self._clock(), poll_interval=claim.poll_interval, options=self.options.engine)
             if restarted or not any(f.code == IMA_LIST_RESTART_NEEDED for f in result.findings):
                 break
             state, restarted = result.next_state, True
@@ -488,17 +495,17 @@ class Poller:
         summary = _evidence_summary(evidence, pcrs, result, restarted)
         return _Outcome(result.verdict, result.findings, result.next_state, True, nonce, offset, summary)
 
-    def _unreachable(self, job: _Job, error: AgentError, nonce: str, offset: int) -> _Outcome:
+    def _unreachable(self, claim: Claim, error: AgentError, nonce: str, offset: int) -> _Outcome:
         finding = _warning(error.code, error.message)
-        verdict = unknown_verdict(job.contact.device_id, error.code, error.message, issued_at=self._clock())
-        return _Outcome(verdict, (finding,), job.state, False, nonce, offset, {})
+        verdict = unknown_verdict(claim.contact.device_id, error.code, error.message, issued_at=self._clock())
+        return _Outcome(verdict, (finding,), claim.state, False, nonce, offset, {})
 
     # --- store ---
 
-    def _store(self, job: _Job, outcome: _Outcome, started_at: datetime) -> None:
+    def _store(self, claim: Claim, outcome: _Outcome, started_at: datetime) -> None:
         finished_at = self._clock()
-        failures = 0 if outcome.reached else job.consecutive_failures + 1
-        next_poll_at = self._next_poll_at(job, failures, finished_at)
+        failures = 0 if outcome.reached else claim.consecutive_failures + 1
+        next_poll_at = self._next_poll_at(claim, failures, finished_at)
         verdict = outcome.verdict
         reasons = [reason.to_json() for reason in verdict.reasons]
         state = outcome.next_state
@@ -506,8 +513,8 @@ class Poller:
         with transaction(self._sessions) as session:
             updated = session.execute(
                 update(VerifierDevice)
-                .where(VerifierDevice.id == job.claim.device_pk,
-                       VerifierDevice.lease_id == job.claim.lease_id)
+                .where(VerifierDevice.id == claim.device_pk,
+                       VerifierDevice.lease_id == claim.lease_id)
                 .values(
                     state=state.to_json() if state is not None else None,
                     verdict_id=str(verdict.verdict_id),
@@ -529,12 +536,12 @@ class Poller:
             if updated.rowcount != 1:  # type: ignore[attr-defined] # CursorResult of an UPDATE
                 raise _LeaseLost
             attestation = Attestation(
-                device_id=job.contact.device_id,
+                device_id=claim.contact.device_id,
                 verdict_id=str(verdict.verdict_id),
                 status=verdict.status.value,
                 poller=self.options.poller_id,
                 nonce=outcome.nonce,
-                scheduled_at=job.claim.scheduled_at,
+                scheduled_at=claim.scheduled_at,
                 started_at=started_at,
                 finished_at=finished_at,
                 boot_session=state.boot.reset_count if state is not None and state.boot else None,
@@ -544,24 +551,24 @@ class Poller:
                 findings=[finding.to_json() for finding in outcome.findings],
             )
             session.add(attestation)
-            changed = (verdict.status.value, tuple(r["code"] for r in reasons)) != job.verdict_key
+            changed = (verdict.status.value, tuple(r["code"] for r in reasons)) != claim.verdict_key
             if changed:
                 session.flush()
                 session.add(_verdict_record(verdict, reasons, attestation.id))
 
-        self._report(job, outcome, changed, next_poll_at)
+        self._report(claim, outcome, changed, next_poll_at)
 
-    def _next_poll_at(self, job: _Job, failures: int, now: datetime) -> datetime:
-        interval = job.poll_interval
+    def _next_poll_at(self, claim: Claim, failures: int, now: datetime) -> datetime:
+        interval = claim.poll_interval
         if failures:
             delay = min(interval * 2 ** (failures - 1), max(self.options.backoff_max, interval))
             return now + timedelta(seconds=delay)
         # Keep the device's cadence; a device whose turn has already passed is due at once.
-        return max(job.claim.scheduled_at + timedelta(seconds=interval), now)
+        return max(claim.scheduled_at + timedelta(seconds=interval), now)
 
-    def _report(self, job: _Job, outcome: _Outcome, changed: bool, next_poll_at: datetime) -> None:
+    def _report(self, claim: Claim, outcome: _Outcome, changed: bool, next_poll_at: datetime) -> None:
         verdict = outcome.verdict
-        device_id = job.contact.device_id
+        device_id = claim.contact.device_id
         self._count(f"attestations_{verdict.status.value}")
         if not outcome.reached:
             self._count("agents_unreachable")
@@ -572,7 +579,7 @@ class Poller:
             return
         level = logging.INFO if verdict.status is VerdictStatus.TRUSTED else logging.WARNING
         log.log(level, "verdict %s, was %s (reasons: %s); verdict %s, next attestation at %s",
-                verdict.status.value, job.verdict_key[0], codes, verdict.verdict_id,
+                verdict.status.value, claim.verdict_key[0], codes, verdict.verdict_id,
                 next_poll_at.isoformat(), extra={"device_id": device_id})
 
     def _release_after_fault(self, claim: Claim) -> None:

@@ -4,8 +4,10 @@ verdicts with their expiry, and attestation listings."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from sqlalchemy import Engine, delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.app import create_app
-from edgetrust.db import transaction
+from edgetrust.db import make_session_factory, transaction
 from edgetrust.settings import Settings
 from registrar.models import RegisteredDevice
 from tests.support.server import ServerThread, serving
@@ -23,6 +25,7 @@ from tests.verifier.conftest import POLL_INTERVAL, FakeClock, make_poller, regis
 from verifier import policy_store
 from verifier.api import VerifierService
 from verifier.fleet_sim import Fleet, SimulatedDevice, make_files
+from verifier.tokens import Scope, create_token
 
 
 @pytest.fixture
@@ -67,12 +70,43 @@ def stored(
     register(sessions, device)
 
 
-def add(server: ServerThread, device_id: str, body: Any) -> requests.Response:
-    return requests.post(f"{server.url}/v1/devices/{device_id}", json=body, timeout=10)
+def new_token(engine: Engine, scope: Scope) -> str:
+    with transaction(make_session_factory(engine)) as session:
+        _, token = create_token(session, f"test-{uuid.uuid4().hex[:8]}", scope, now=datetime.now(UTC))
+    return token
 
 
-def get(server: ServerThread, path: str) -> requests.Response:
-    return requests.get(f"{server.url}{path}", timeout=10)
+@pytest.fixture
+def http(migrated_engine: Engine) -> Iterator[requests.Session]:
+    """An HTTP client with an admin API token."""
+    with requests.Session() as session:
+        session.headers["Authorization"] = f"Bearer {new_token(migrated_engine, Scope.ADMIN)}"
+        yield session
+
+
+@dataclass
+class Api:
+    """The verifier API of a running server, called with an admin token."""
+
+    url: str
+    http: requests.Session
+
+    def add(self, device_id: str, body: Any) -> requests.Response:
+        return self.http.post(f"{self.url}/v1/devices/{device_id}", json=body, timeout=10)
+
+    def get(self, path: str) -> requests.Response:
+        return self.http.get(f"{self.url}{path}", timeout=10)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return self.http.post(f"{self.url}{path}", timeout=10, **kwargs)
+
+    def delete(self, path: str) -> requests.Response:
+        return self.http.delete(f"{self.url}{path}", timeout=10)
+
+
+@pytest.fixture
+def api(server: ServerThread, http: requests.Session) -> Api:
+    return Api(server.url, http)
 
 
 def error_of(response: requests.Response) -> dict[str, Any]:
@@ -94,8 +128,8 @@ def add_body(device: SimulatedDevice, **fields: Any) -> dict[str, Any]:
 # --- adding ---------------------------------------------------------------------------------
 
 
-def test_api_adds_registered_device(server: ServerThread, stored: None, device: SimulatedDevice) -> None:
-    response = add(server, device.device_id, add_body(device))
+def test_api_adds_registered_device(api: Api, stored: None, device: SimulatedDevice) -> None:
+    response = api.add(device.device_id, add_body(device))
 
     assert response.status_code == 201
     body = response.json()
@@ -110,16 +144,14 @@ def test_api_adds_registered_device(server: ServerThread, stored: None, device: 
     assert body["verdict"]["reasons"][0]["code"] == "not-attested-yet"
     assert body["state"]["ima_next_entry"] is None
 
-    shown = get(server, f"/v1/devices/{device.device_id}")
+    shown = api.get(f"/v1/devices/{device.device_id}")
 
     assert shown.status_code == 200
     assert shown.json()["device_id"] == device.device_id
 
 
-def test_api_defaults_contact_to_registrar(
-    server: ServerThread, stored: None, device: SimulatedDevice
-) -> None:
-    response = add(server, device.device_id, {})
+def test_api_defaults_contact_to_registrar(api: Api, stored: None, device: SimulatedDevice) -> None:
+    response = api.add(device.device_id, {})
 
     assert response.status_code == 201
     assert response.json()["cloudagent_port"] == device.port
@@ -127,46 +159,44 @@ def test_api_defaults_contact_to_registrar(
     assert response.json()["runtime_policy"] is None
 
 
-def test_api_rejects_unregistered_device(server: ServerThread, stored: None, device: SimulatedDevice) -> None:
-    response = add(server, "never-registered", add_body(device))
+def test_api_rejects_unregistered_device(api: Api, stored: None, device: SimulatedDevice) -> None:
+    response = api.add("never-registered", add_body(device))
 
     assert response.status_code == 404
     assert error_of(response)["code"] == "device-not-found"
 
 
 def test_api_rejects_inactive_device(
-    server: ServerThread, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
+    api: Api, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
 ) -> None:
     with transaction(sessions) as session:
         session.execute(update(RegisteredDevice).values(active=False))
 
-    response = add(server, device.device_id, add_body(device))
+    response = api.add(device.device_id, add_body(device))
 
     assert response.status_code == 409
     assert error_of(response)["code"] == "device-not-active"
 
 
-def test_api_rejects_second_add(server: ServerThread, stored: None, device: SimulatedDevice) -> None:
-    add(server, device.device_id, add_body(device))
+def test_api_rejects_second_add(api: Api, stored: None, device: SimulatedDevice) -> None:
+    api.add(device.device_id, add_body(device))
 
-    response = add(server, device.device_id, add_body(device))
+    response = api.add(device.device_id, add_body(device))
 
     assert response.status_code == 409
     assert error_of(response)["code"] == "device-already-added"
 
 
-def test_api_rejects_unknown_policy(server: ServerThread, stored: None, device: SimulatedDevice) -> None:
-    response = add(server, device.device_id, add_body(device, pcr_policy="missing"))
+def test_api_rejects_unknown_policy(api: Api, stored: None, device: SimulatedDevice) -> None:
+    response = api.add(device.device_id, add_body(device, pcr_policy="missing"))
 
     assert response.status_code == 404
     assert error_of(response)["code"] == "policy-not-found"
     assert error_of(response)["field"] == "pcr_policy"
 
 
-def test_api_rejects_policy_of_other_kind(
-    server: ServerThread, stored: None, device: SimulatedDevice
-) -> None:
-    response = add(server, device.device_id, add_body(device, mb_policy="fleet"))
+def test_api_rejects_policy_of_other_kind(api: Api, stored: None, device: SimulatedDevice) -> None:
+    response = api.add(device.device_id, add_body(device, mb_policy="fleet"))
 
     assert response.status_code == 400
     assert error_of(response)["field"] == "mb_policy"
@@ -188,23 +218,23 @@ def test_api_rejects_policy_of_other_kind(
     ],
 )
 def test_api_validation_names_field(
-    server: ServerThread, stored: None, device: SimulatedDevice, fields: dict[str, Any], field: str
+    api: Api, stored: None, device: SimulatedDevice, fields: dict[str, Any], field: str
 ) -> None:
-    response = add(server, device.device_id, add_body(device, **fields))
+    response = api.add(device.device_id, add_body(device, **fields))
 
     assert response.status_code == 400
     assert error_of(response)["field"] == field
 
 
-def test_api_rejects_body_not_json(server: ServerThread, stored: None, device: SimulatedDevice) -> None:
-    response = requests.post(f"{server.url}/v1/devices/{device.device_id}", data=b"{", timeout=10)
+def test_api_rejects_body_not_json(api: Api, stored: None, device: SimulatedDevice) -> None:
+    response = api.post(f"/v1/devices/{device.device_id}", data=b"{")
 
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid-json"
 
 
-def test_api_rejects_invalid_device_id(server: ServerThread) -> None:
-    response = add(server, "bad id", {})
+def test_api_rejects_invalid_device_id(api: Api) -> None:
+    response = api.add("bad id", {})
 
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid-device-id"
@@ -212,12 +242,12 @@ def test_api_rejects_invalid_device_id(server: ServerThread) -> None:
 
 
 def test_api_needs_contact_address(
-    server: ServerThread, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
+    api: Api, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
 ) -> None:
     with transaction(sessions) as session:
         session.execute(update(RegisteredDevice).values(ip=None))
 
-    response = add(server, device.device_id, {"cloudagent_port": device.port})
+    response = api.add(device.device_id, {"cloudagent_port": device.port})
 
     assert response.status_code == 400
     assert error_of(response)["code"] == "missing-field"
@@ -227,11 +257,11 @@ def test_api_needs_contact_address(
 # --- pause, resume, remove ----------------------------------------------------------------------
 
 
-def test_api_pauses_and_resumes(server: ServerThread, stored: None, device: SimulatedDevice) -> None:
-    add(server, device.device_id, add_body(device))
+def test_api_pauses_and_resumes(api: Api, stored: None, device: SimulatedDevice) -> None:
+    api.add(device.device_id, add_body(device))
 
-    paused = requests.post(f"{server.url}/v1/devices/{device.device_id}/pause", timeout=10)
-    resumed = requests.post(f"{server.url}/v1/devices/{device.device_id}/resume", timeout=10)
+    paused = api.post(f"/v1/devices/{device.device_id}/pause")
+    resumed = api.post(f"/v1/devices/{device.device_id}/resume")
 
     assert paused.status_code == 200
     assert paused.json()["paused"] is True
@@ -241,12 +271,12 @@ def test_api_pauses_and_resumes(server: ServerThread, stored: None, device: Simu
     assert resumed.json()["next_attestation_at"] is not None
 
 
-def test_api_removes_device(server: ServerThread, stored: None, device: SimulatedDevice) -> None:
-    add(server, device.device_id, add_body(device))
+def test_api_removes_device(api: Api, stored: None, device: SimulatedDevice) -> None:
+    api.add(device.device_id, add_body(device))
 
-    removed = requests.delete(f"{server.url}/v1/devices/{device.device_id}", timeout=10)
-    shown = get(server, f"/v1/devices/{device.device_id}")
-    again = requests.delete(f"{server.url}/v1/devices/{device.device_id}", timeout=10)
+    removed = api.delete(f"/v1/devices/{device.device_id}")
+    shown = api.get(f"/v1/devices/{device.device_id}")
+    again = api.delete(f"/v1/devices/{device.device_id}")
 
     assert removed.status_code == 204
     assert shown.status_code == 404
@@ -255,20 +285,20 @@ def test_api_removes_device(server: ServerThread, stored: None, device: Simulate
 
 
 def test_registrar_delete_removes_verifier_device(
-    server: ServerThread, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
+    api: Api, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
 ) -> None:
-    add(server, device.device_id, add_body(device))
+    api.add(device.device_id, add_body(device))
 
     with transaction(sessions) as session:
         session.execute(delete(RegisteredDevice).where(RegisteredDevice.device_id == device.device_id))
 
-    assert get(server, f"/v1/devices/{device.device_id}").status_code == 404
+    assert api.get(f"/v1/devices/{device.device_id}").status_code == 404
 
 
 def test_policy_in_use_cannot_be_deleted(
-    server: ServerThread, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
+    api: Api, sessions: sessionmaker[Session], stored: None, device: SimulatedDevice
 ) -> None:
-    add(server, device.device_id, add_body(device))
+    api.add(device.device_id, add_body(device))
 
     with pytest.raises(policy_store.PolicyInUse) as raised, transaction(sessions) as session:
         policy_store.delete(session, "fleet")
@@ -280,20 +310,20 @@ def test_policy_in_use_cannot_be_deleted(
 
 
 def test_api_verdict_trusted_then_expires(
-    server: ServerThread,
+    api: Api,
     sessions: sessionmaker[Session],
     stored: None,
     device: SimulatedDevice,
     clock: FakeClock,
 ) -> None:
-    add(server, device.device_id, add_body(device))
+    api.add(device.device_id, add_body(device))
     make_poller(sessions, clock).run_once()
 
-    fresh = get(server, f"/v1/devices/{device.device_id}/verdict").json()
+    fresh = api.get(f"/v1/devices/{device.device_id}/verdict").json()
     clock.advance(3 * POLL_INTERVAL - 1)
-    still = get(server, f"/v1/devices/{device.device_id}/verdict").json()
+    still = api.get(f"/v1/devices/{device.device_id}/verdict").json()
     clock.advance(1)
-    expired = get(server, f"/v1/devices/{device.device_id}/verdict").json()
+    expired = api.get(f"/v1/devices/{device.device_id}/verdict").json()
 
     assert fresh["status"] == "trusted"
     assert fresh["policies"][0]["name"] == "fleet"
@@ -306,22 +336,22 @@ def test_api_verdict_trusted_then_expires(
 
 
 def test_api_lists_attestations_with_findings(
-    server: ServerThread,
+    api: Api,
     sessions: sessionmaker[Session],
     stored: None,
     device: SimulatedDevice,
     clock: FakeClock,
 ) -> None:
-    add(server, device.device_id, add_body(device))
+    api.add(device.device_id, add_body(device))
     poller = make_poller(sessions, clock)
     poller.run_once()
     device.measure("/usr/bin/unexpected", b"\x01" * 32)
     clock.advance(POLL_INTERVAL)
     poller.run_once()
 
-    listed = get(server, f"/v1/devices/{device.device_id}/attestations?limit=1")
-    everything = get(server, f"/v1/devices/{device.device_id}/attestations")
-    shown = get(server, f"/v1/devices/{device.device_id}").json()
+    listed = api.get(f"/v1/devices/{device.device_id}/attestations?limit=1")
+    everything = api.get(f"/v1/devices/{device.device_id}/attestations")
+    shown = api.get(f"/v1/devices/{device.device_id}").json()
 
     assert listed.status_code == 200
     newest = listed.json()["attestations"]
@@ -339,36 +369,50 @@ def test_api_lists_attestations_with_findings(
 
 
 @pytest.mark.parametrize("limit", ["0", "1001", "many"])
-def test_api_rejects_bad_limit(
-    server: ServerThread, stored: None, device: SimulatedDevice, limit: str
-) -> None:
-    add(server, device.device_id, add_body(device))
+def test_api_rejects_bad_limit(api: Api, stored: None, device: SimulatedDevice, limit: str) -> None:
+    api.add(device.device_id, add_body(device))
 
-    response = get(server, f"/v1/devices/{device.device_id}/attestations?limit={limit}")
+    response = api.get(f"/v1/devices/{device.device_id}/attestations?limit={limit}")
 
     assert response.status_code == 400
     assert error_of(response)["field"] == "limit"
 
 
-def test_api_unknown_device_verdict_not_found(server: ServerThread) -> None:
-    response = get(server, "/v1/devices/nobody/verdict")
+def test_api_unknown_device_verdict_not_found(api: Api) -> None:
+    response = api.get("/v1/devices/nobody/verdict")
 
     assert response.status_code == 404
     assert error_of(response)["code"] == "verifier-device-not-found"
 
 
 def test_api_trusted_expiry_uses_device_interval(
-    server: ServerThread,
+    api: Api,
     sessions: sessionmaker[Session],
     stored: None,
     device: SimulatedDevice,
     clock: FakeClock,
 ) -> None:
-    add(server, device.device_id, add_body(device, poll_interval=2.0))
+    api.add(device.device_id, add_body(device, poll_interval=2.0))
     make_poller(sessions, clock).run_once()
 
-    verdict = get(server, f"/v1/devices/{device.device_id}/verdict").json()
+    verdict = api.get(f"/v1/devices/{device.device_id}/verdict").json()
 
     assert verdict["status"] == "trusted"
     expires = clock.now + timedelta(seconds=6)
     assert verdict["expires_at"] == expires.isoformat()
+
+
+def test_api_needs_admin_token(
+    api: Api, migrated_engine: Engine, stored: None, device: SimulatedDevice
+) -> None:
+    reader = {"Authorization": f"Bearer {new_token(migrated_engine, Scope.READ)}"}
+    url = f"{api.url}/v1/devices/{device.device_id}"
+
+    anonymous = requests.post(url, json={}, timeout=10)
+    read_only = requests.post(url, json={}, headers=reader, timeout=10)
+    api.add(device.device_id, add_body(device))
+    verdict = requests.get(f"{url}/verdict", headers=reader, timeout=10)
+
+    assert anonymous.status_code == 401
+    assert read_only.status_code == 403
+    assert verdict.status_code == 200
