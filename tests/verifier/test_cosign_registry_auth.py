@@ -57,7 +57,7 @@ def token_proxy(registry: Registry, token_requests: list[dict[str, str]],
             if scheme != "Bearer":
                 challenge = 'Basic realm="registry"'
             return Response("{}", status=401, headers={"WWW-Authenticate": challenge})
-        upstream = requests.get(f"{registry.url}/v2/{rest}", params=request.args,
+        upstream = requests.get(f"{registry.url}/v2/{rest}", params=request.args.to_dict(),
                                 headers={"Accept": request.headers.get("Accept", "*/*")}, timeout=5)
         return Response(upstream.content, status=upstream.status_code,
                         content_type=upstream.headers.get("Content-Type"))
