@@ -210,6 +210,7 @@ class PassReport:
 @dataclass(frozen=True)
 class ControllerOptions:
     interval: float = 10.0
+    backoff_initial: float = 1.0
     backoff_max: float = 60.0
 
 
@@ -277,8 +278,8 @@ class NodeController:
         failures = 0
         while not stop.is_set():
             failures = 0 if self._pass_safely() else failures + 1
-            delay = self.options.interval if failures == 0 else min(2.0 ** (failures - 1),
-                                                                    self.options.backoff_max)
+            delay = self.options.interval if failures == 0 else min(
+                self.options.backoff_initial * 2.0 ** (failures - 1), self.options.backoff_max)
             self.wake.wait(delay)
             self.wake.clear()
         log.info("node controller stopped")

@@ -76,9 +76,9 @@ class Api:
     admin: str
     read: str
 
-    def call(self, method: str, path: str, token: str | None = None, **kwargs: object) -> tuple[int, dict]:
+    def call(self, method: str, path: str, token: str | None = None) -> tuple[int, dict]:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        response = self.client.open(path, method=method, headers=headers, json={}, **kwargs)
+        response = self.client.open(path, method=method, headers=headers, json={})
         return response.status_code, response.get_json(silent=True) or {}
 
 

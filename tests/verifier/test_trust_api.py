@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.app import create_app
@@ -189,7 +189,7 @@ def test_batch_node_of_device_not_in_verifier(env: TrustEnv) -> None:
     add_device(env.sessions, "car-1")
     map_node(env.sessions, "node-a", "car-1")
     with transaction(env.sessions) as session:
-        session.execute(VerifierDevice.__table__.delete())
+        session.execute(delete(VerifierDevice))
 
     verdict = env.client.post("/v1/verdicts:batch", headers=env.headers,
                               json={"nodes": ["node-a"]}).get_json()["verdicts"][0]
