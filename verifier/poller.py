@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.db import transaction
@@ -178,9 +178,12 @@ def agent_client_from_settings(settings: Settings) -> AgentClient:
 class PolicyResolver:
     """Load devices' policies: the latest version of each name, compiled once per content."""
 
-    def load_many(self, session: Session,
-                  devices: Sequence[VerifierDevice]) -> dict[str, PolicySet | Finding]:
-        """Return each device's policies, or a finding saying why they cannot be loaded."""
+    def load_many(self, session: Session, devices: Sequence[Any]) -> dict[str, PolicySet | Finding]:
+        """Return each device's policies, or a finding saying why they cannot be loaded.
+
+        ``devices`` are rows or objects with ``device_id`` and the policy name columns of
+        ``VerifierDevice``.
+        """
         names = {name for device in devices for name in _policy_names(device) if name is not None}
         versions = self._latest_versions(session, names) if names else {}
         loaded: dict[str, PolicySet | Finding] = {}
@@ -198,16 +201,11 @@ class PolicyResolver:
                 loaded[device.device_id] = _warning(POLICY_UNAVAILABLE, f"policies cannot be loaded: {error}")
         return loaded
 
-    def _latest_versions(self, session: Session, names: set[str]) -> dict[str, PolicyVersion]:
-        query = (
-            select(PolicyVersion)
-            .join(Policy, (Policy.name == PolicyVersion.name)
-                  & (Policy.latest_version == PolicyVersion.version))
-            .where(PolicyVersion.name.in_(names))
-        )
-        return {version.name: version for version in session.scalars(query)}
+    def _latest_versions(self, session: Session, names: set[str]) -> dict[str, Any]:
+        rows = session.connection().execute(_LATEST_VERSIONS, {"p_names": sorted(names)})
+        return {version.name: version for version in rows}
 
-    def _loaded(self, session: Session, versions: Mapping[str, PolicyVersion], name: str | None, kind: str,
+    def _loaded(self, session: Session, versions: Mapping[str, Any], name: str | None, kind: str,
                 compiled_type: type[PolicyT]) -> Loaded[PolicyT] | None:
         if name is None:
             return None
@@ -220,7 +218,15 @@ class PolicyResolver:
         return Loaded(AppliedPolicy(kind, name, version.version, version.content_hash), compiled)
 
 
-def _policy_names(device: VerifierDevice) -> tuple[str | None, ...]:
+# The latest version of each named policy.
+_LATEST_VERSIONS: Final = (
+    select(PolicyVersion.name, PolicyVersion.kind, PolicyVersion.version, PolicyVersion.content_hash)
+    .join(Policy, (Policy.name == PolicyVersion.name) & (Policy.latest_version == PolicyVersion.version))
+    .where(PolicyVersion.name.in_(bindparam("p_names", expanding=True)))
+)
+
+
+def _policy_names(device: Any) -> tuple[str | None, ...]:
     return device.runtime_policy, device.mb_policy, device.pcr_policy
 
 
@@ -273,14 +279,61 @@ def _qualified_name(ek_tpm: bytes, aik_tpm: bytes) -> bytes:
     return ak_qualified_name(parse_tpm2b_public(ek_tpm), load_ak_public(aik_tpm))
 
 
-def enrollment_of(registered: RegisteredDevice) -> Enrollment:
+def enrollment_of(device_id: str, aik_tpm: bytes, ek_tpm: bytes | None) -> Enrollment:
     """Return the engine's view of a registrar row; raise EvidenceError if its AK is malformed."""
-    ak: PublicArea = load_ak_public(registered.aik_tpm)
-    qualified_name = _qualified_name(registered.ek_tpm, registered.aik_tpm) if registered.ek_tpm else None
-    return Enrollment(registered.device_id, ak, qualified_name)
+    ak: PublicArea = load_ak_public(aik_tpm)
+    qualified_name = _qualified_name(ek_tpm, aik_tpm) if ek_tpm else None
+    return Enrollment(device_id, ak, qualified_name)
 
 
 # --- The poller -----------------------------------------------------------------------------
+
+# What a claim reads of a device and its registrar row.
+_CLAIM_COLUMNS: Final = (
+    VerifierDevice.id, VerifierDevice.device_id, VerifierDevice.ip, VerifierDevice.port,
+    VerifierDevice.poll_interval, VerifierDevice.consecutive_failures, VerifierDevice.verdict_status,
+    VerifierDevice.verdict_reasons, VerifierDevice.state, VerifierDevice.next_poll_at,
+    VerifierDevice.runtime_policy, VerifierDevice.mb_policy, VerifierDevice.pcr_policy,
+    RegisteredDevice.active, RegisteredDevice.aik_tpm, RegisteredDevice.ek_tpm, RegisteredDevice.mtls_cert,
+)
+
+# Statements of the per-attestation path, built once: constructing them and their cache keys
+# on every call cost more CPU than the rest of an attestation. Parameters start with p_.
+_TABLES: Final = VerifierDevice.metadata.tables
+_DEVICES: Final = _TABLES[VerifierDevice.__tablename__]
+_ATTESTATIONS: Final = _TABLES[Attestation.__tablename__]
+_DUE = (
+    select(*_CLAIM_COLUMNS)
+    .join(RegisteredDevice, RegisteredDevice.device_id == VerifierDevice.device_id)
+    .where(VerifierDevice.paused.is_(False), VerifierDevice.next_poll_at <= bindparam("p_now"))
+    .order_by(VerifierDevice.next_poll_at)
+    .limit(bindparam("p_limit"))
+)
+_DUE_SKIP_LOCKED: Final = _DUE.with_for_update(skip_locked=True, of=VerifierDevice)
+_LEASE: Final = (
+    update(_DEVICES)
+    .where(
+        _DEVICES.c.id.in_(bindparam("p_ids", expanding=True)),
+        _DEVICES.c.paused.is_(False),
+        _DEVICES.c.next_poll_at <= bindparam("p_now"),
+    )
+    .values(lease_owner=bindparam("p_owner"), lease_id=bindparam("p_lease_id"),
+            lease_expires_at=bindparam("p_lease_expires_at"), next_poll_at=bindparam("p_lease_expires_at"))
+    .returning(_DEVICES.c.id)
+)
+_STORED_COLUMNS: Final = (
+    "state", "verdict_id", "verdict_status", "verdict_reasons", "verdict_policies", "verdict_issued_at",
+    "verdict_attested_at", "verdict_expires_at", "consecutive_failures", "next_poll_at", "updated_at",
+)
+_STORE: Final = (
+    update(_DEVICES)
+    .where(_DEVICES.c.id == bindparam("p_id"), _DEVICES.c.lease_id == bindparam("p_lease_id"))
+    .values({**{name: bindparam(f"p_{name}") for name in _STORED_COLUMNS},
+             "lease_owner": None, "lease_id": None, "lease_expires_at": None})
+)
+_INSERT_ATTESTATION: Final = insert(_ATTESTATIONS)
+_INSERT_ATTESTATION_RETURNING_ID: Final = insert(_ATTESTATIONS).returning(_ATTESTATIONS.c.id)
+_INSERT_VERDICT: Final = insert(_TABLES[VerdictRecord.__tablename__])
 
 
 class Poller:
@@ -303,7 +356,8 @@ class Poller:
         self._resolver = resolver or PolicyResolver()
         self._clock = clock
         self._new_nonce = nonce_source
-        self._postgresql = sessions.kw["bind"].dialect.name == "postgresql"
+        self._engine: Engine = sessions.kw["bind"]
+        self._postgresql = self._engine.dialect.name == "postgresql"
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
 
@@ -359,73 +413,60 @@ class Poller:
     # --- claim ---
 
     def claim(self, limit: int) -> list[Claim]:
-        """Claim up to ``limit`` due devices, earliest first, and load what attesting them needs."""
+        """Claim up to ``limit`` due devices, earliest first, and load what attesting them needs.
+
+        Uses SQLAlchemy Core rather than ORM entities: this runs for every attestation, and
+        the unit of work cost more than the database round trips.
+        """
         now = self._clock()
         lease_id = str(uuid.uuid4())
         lease_expires_at = now + timedelta(seconds=self.options.lease_seconds)
-        due = (
-            select(VerifierDevice, RegisteredDevice)
-            .join(RegisteredDevice, RegisteredDevice.device_id == VerifierDevice.device_id)
-            .where(VerifierDevice.paused.is_(False), VerifierDevice.next_poll_at <= now)
-            .order_by(VerifierDevice.next_poll_at)
-            .limit(limit)
-        )
-        if self._postgresql:
-            due = due.with_for_update(skip_locked=True, of=VerifierDevice)
+        due = _DUE_SKIP_LOCKED if self._postgresql else _DUE
 
-        with transaction(self._sessions) as session:
-            rows = [(device, registered) for device, registered in session.execute(due).all()]
+        with self._engine.begin() as connection:
+            rows = connection.execute(due, {"p_now": now, "p_limit": limit}).all()
             if not rows:
                 return []
-            claimed = set(session.scalars(
-                update(VerifierDevice)
-                .where(
-                    VerifierDevice.id.in_([device.id for device, _ in rows]),
-                    VerifierDevice.paused.is_(False),
-                    VerifierDevice.next_poll_at <= now,
-                )
-                .values(lease_owner=self.options.poller_id, lease_id=lease_id,
-                        lease_expires_at=lease_expires_at, next_poll_at=lease_expires_at)
-                .returning(VerifierDevice.id)
-                .execution_options(synchronize_session=False)
-            ))
-            rows = [(device, registered) for device, registered in rows if device.id in claimed]
-            policies = self._resolver.load_many(session, [device for device, _ in rows])
-            return [
-                self._claim_of(device, registered, policies[device.device_id], lease_id, lease_expires_at)
-                for device, registered in rows
-            ]
+            claimed = set(connection.scalars(_LEASE, {
+                "p_ids": [row.id for row in rows], "p_now": now, "p_owner": self.options.poller_id,
+                "p_lease_id": lease_id, "p_lease_expires_at": lease_expires_at,
+            }))
+            rows = [row for row in rows if row.id in claimed]
+            with Session(bind=connection) as session:
+                policies = self._resolver.load_many(session, rows)
+        return [self._claim_of(row, policies[row.device_id], lease_id, lease_expires_at) for row in rows]
 
-    def _claim_of(self, device: VerifierDevice, registered: RegisteredDevice, policies: PolicySet | Finding,
-                  lease_id: str, lease_expires_at: datetime) -> Claim:
+    def _claim_of(self, row: Any, policies: PolicySet | Finding, lease_id: str,
+                  lease_expires_at: datetime) -> Claim:
+        """Build the claim of one row of ``_CLAIM_COLUMNS``."""
         claim = Claim(
-            device_pk=device.id,
-            device_id=device.device_id,
+            device_pk=row.id,
+            device_id=row.device_id,
             lease_id=lease_id,
-            scheduled_at=as_utc(device.next_poll_at),
+            scheduled_at=as_utc(row.next_poll_at),
             lease_expires_at=lease_expires_at,
-            contact=AgentContact(device.device_id, device.ip, device.port, registered.mtls_cert),
-            poll_interval=device.poll_interval,
-            consecutive_failures=device.consecutive_failures,
-            verdict_key=(device.verdict_status, tuple(reason["code"] for reason in device.verdict_reasons)),
-            state=self._state_of(device),
+            contact=AgentContact(row.device_id, row.ip, row.port, row.mtls_cert),
+            poll_interval=row.poll_interval,
+            consecutive_failures=row.consecutive_failures,
+            verdict_key=(row.verdict_status, tuple(reason["code"] for reason in row.verdict_reasons)),
+            state=self._state_of(row),
         )
-        if not registered.active:
+        if not row.active:
             return replace(claim, blocked=_warning(
                 DEVICE_NOT_ACTIVE, "the registrar has a pending credential challenge for this device "
                 "and no proven AK; waiting until it activates"))
         if isinstance(policies, Finding):
             return replace(claim, blocked=policies)
         try:
-            enrollment = enrollment_of(registered)
+            enrollment = enrollment_of(row.device_id, row.aik_tpm, row.ek_tpm)
         except EvidenceError as error:
             log.error("the registrar's AK or EK of the device cannot be parsed: %s", error,
-                      extra={"device_id": device.device_id})
+                      extra={"device_id": row.device_id})
             return replace(claim, blocked=_warning("enrollment-invalid", f"the registrar's AK or EK "
                                                    f"cannot be parsed: {error.message}"))
         return replace(claim, enrollment=enrollment, policies=policies)
 
-    def _state_of(self, device: VerifierDevice) -> DeviceState | None:
+    def _state_of(self, device: Any) -> DeviceState | None:
         if device.state is None:
             return None
         try:
@@ -510,51 +551,48 @@ class Poller:
         reasons = [reason.to_json() for reason in verdict.reasons]
         state = outcome.next_state
 
-        with transaction(self._sessions) as session:
-            updated = session.execute(
-                update(VerifierDevice)
-                .where(VerifierDevice.id == claim.device_pk,
-                       VerifierDevice.lease_id == claim.lease_id)
-                .values(
-                    state=state.to_json() if state is not None else None,
-                    verdict_id=str(verdict.verdict_id),
-                    verdict_status=verdict.status.value,
-                    verdict_reasons=reasons,
-                    verdict_policies=[policy.to_json() for policy in verdict.policies],
-                    verdict_issued_at=verdict.issued_at,
-                    verdict_attested_at=verdict.attested_at,
-                    verdict_expires_at=verdict.expires_at,
-                    consecutive_failures=failures,
-                    next_poll_at=next_poll_at,
-                    lease_owner=None,
-                    lease_id=None,
-                    lease_expires_at=None,
-                    updated_at=finished_at,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if updated.rowcount != 1:  # type: ignore[attr-defined] # CursorResult of an UPDATE
+        stored = {
+            "state": state.to_json() if state is not None else None,
+            "verdict_id": str(verdict.verdict_id),
+            "verdict_status": verdict.status.value,
+            "verdict_reasons": reasons,
+            "verdict_policies": [policy.to_json() for policy in verdict.policies],
+            "verdict_issued_at": verdict.issued_at,
+            "verdict_attested_at": verdict.attested_at,
+            "verdict_expires_at": verdict.expires_at,
+            "consecutive_failures": failures,
+            "next_poll_at": next_poll_at,
+            "updated_at": finished_at,
+        }
+        attestation = {
+            "device_id": claim.device_id,
+            "verdict_id": str(verdict.verdict_id),
+            "status": verdict.status.value,
+            "poller": self.options.poller_id,
+            "nonce": outcome.nonce,
+            "scheduled_at": claim.scheduled_at,
+            "started_at": started_at,
+            "finished_at": finished_at,
+            "boot_session": state.boot.reset_count if state is not None and state.boot else None,
+            "ima_start_index": outcome.ima_start_index,
+            "ima_next_index": state.ima.next_index if state is not None else None,
+            "evidence": outcome.evidence,
+            "findings": [finding.to_json() for finding in outcome.findings],
+        }
+        changed = (verdict.status.value, tuple(r["code"] for r in reasons)) != claim.verdict_key
+
+        with self._engine.begin() as connection:
+            parameters = {f"p_{name}": value for name, value in stored.items()}
+            updated = connection.execute(_STORE, {**parameters, "p_id": claim.device_pk,
+                                                  "p_lease_id": claim.lease_id})
+            if updated.rowcount != 1:
                 raise _LeaseLost
-            attestation = Attestation(
-                device_id=claim.contact.device_id,
-                verdict_id=str(verdict.verdict_id),
-                status=verdict.status.value,
-                poller=self.options.poller_id,
-                nonce=outcome.nonce,
-                scheduled_at=claim.scheduled_at,
-                started_at=started_at,
-                finished_at=finished_at,
-                boot_session=state.boot.reset_count if state is not None and state.boot else None,
-                ima_start_index=outcome.ima_start_index,
-                ima_next_index=state.ima.next_index if state is not None else None,
-                evidence=outcome.evidence,
-                findings=[finding.to_json() for finding in outcome.findings],
-            )
-            session.add(attestation)
-            changed = (verdict.status.value, tuple(r["code"] for r in reasons)) != claim.verdict_key
             if changed:
-                session.flush()
-                session.add(_verdict_record(verdict, reasons, attestation.id))
+                inserted = connection.execute(_INSERT_ATTESTATION_RETURNING_ID, attestation)
+                attestation_id = inserted.scalar_one()
+                connection.execute(_INSERT_VERDICT, _verdict_record(verdict, reasons, attestation_id))
+            else:
+                connection.execute(_INSERT_ATTESTATION, attestation)
 
         self._report(claim, outcome, changed, next_poll_at)
 
@@ -605,18 +643,19 @@ def _warning(code: str, message: str) -> Finding:
     return Finding(code, Severity.WARNING, message)
 
 
-def _verdict_record(verdict: Verdict, reasons: list[dict[str, str]], attestation_id: int) -> VerdictRecord:
-    return VerdictRecord(
-        verdict_id=str(verdict.verdict_id),
-        device_id=verdict.device_id,
-        status=verdict.status.value,
-        reasons=reasons,
-        policies=[policy.to_json() for policy in verdict.policies],
-        issued_at=verdict.issued_at,
-        attested_at=verdict.attested_at,
-        expires_at=verdict.expires_at,
-        attestation_id=attestation_id,
-    )
+def _verdict_record(verdict: Verdict, reasons: list[dict[str, str]], attestation_id: int) -> dict[str, Any]:
+    """Return the ``verifier_verdicts`` row of a verdict that changed the device's status or reasons."""
+    return {
+        "verdict_id": str(verdict.verdict_id),
+        "device_id": verdict.device_id,
+        "status": verdict.status.value,
+        "reasons": reasons,
+        "policies": [policy.to_json() for policy in verdict.policies],
+        "issued_at": verdict.issued_at,
+        "attested_at": verdict.attested_at,
+        "expires_at": verdict.expires_at,
+        "attestation_id": attestation_id,
+    }
 
 
 def _evidence_summary(evidence: Evidence, pcrs: frozenset[int], result: VerificationResult,

@@ -74,5 +74,7 @@ def start_embedded_poller(settings: Settings) -> threading.Event | None:
 
 
 def _pool_size(settings: Settings) -> dict[str, Any]:
-    # One connection per attestation thread, plus the claim loop and a spare.
-    return {"pool_size": settings.verifier_poller_threads + 2}
+    # One connection per attestation thread, plus the claim loop and a spare. No ping before
+    # each checkout: it costs a round trip per transaction, and after a database restart the
+    # first failed transaction makes SQLAlchemy replace every pooled connection anyway.
+    return {"pool_size": settings.verifier_poller_threads + 2, "pool_pre_ping": False}
