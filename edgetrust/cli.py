@@ -9,6 +9,7 @@ from edgetrust.commands.agent import agent_command
 from edgetrust.commands.demo import demo_command
 from edgetrust.commands.evidence import evidence_group
 from edgetrust.commands.gate import gate_command
+from edgetrust.commands.guard import guard_command
 from edgetrust.commands.nodes import nodes_group
 from edgetrust.commands.policy import policy_group
 from edgetrust.commands.poll import poll_command
@@ -32,3 +33,4 @@ main.add_command(demo_command)
 main.add_command(token_group)
 main.add_command(nodes_group)
 main.add_command(gate_command)
+main.add_command(guard_command)

@@ -226,6 +226,39 @@ class Settings:
         10.0, "Maximum seconds one registry request may take; the admission and gate "
         "deadlines may end it sooner.")
 
+    # Guard (edgetrust guard)
+    guard_server_url: str = _setting(
+        "http://127.0.0.1:8890", "Base URL of the trust API that the guard reads the device's "
+        "verdict and verdict stream from.")
+    guard_token_file: Path | None = _setting(
+        None, "File holding the API token (scope read) that the guard sends; --token and "
+        "--token-file override it. Unset sends no token.")
+    guard_ca_file: Path | None = _setting(
+        None, "PEM CA bundle that signs the certificate of an https guard_server_url (default: "
+        "the CA bundle of the requests package).")
+    guard_grace_period: float = _setting(
+        5.0, "Seconds the guard waits after SIGTERM to the workload's process group before it "
+        "sends SIGKILL.")
+    guard_restart: bool = _setting(
+        False, "Start the workload again when the device is trusted again after the guard "
+        "stopped it, and after it exited on its own. false keeps a stopped workload stopped "
+        "until the guard is restarted, and makes the guard exit with the workload's status.")
+    guard_restart_delay: float = _setting(
+        5.0, "Seconds after the workload exited on its own before guard_restart starts it again.")
+    guard_reread_interval: float = _setting(
+        10.0, "Longest time, in seconds, between two reads of the current verdict by the guard; "
+        "it also reads it after every stream reconnect and before a trusted verdict expires.")
+    guard_request_timeout: float = _setting(
+        10.0, "Seconds the guard waits to connect to the trust API and for a verdict response.")
+    guard_stream_idle_timeout: float = _setting(
+        45.0, "Seconds without data or heartbeat on the verdict stream after which the guard "
+        "reconnects; keep it above trust_stream_heartbeat.")
+    guard_retry_initial: float = _setting(
+        1.0, "First delay, in seconds, before the guard retries a failed stream connection or "
+        "verdict read; the delay doubles up to guard_retry_max.")
+    guard_retry_max: float = _setting(
+        30.0, "Longest delay, in seconds, between two retries of the guard.")
+
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'edgetrust.db'}"
