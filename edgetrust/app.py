@@ -53,8 +53,9 @@ def _installers() -> list[Installer]:
     from verifier.admission_api import install as install_admission
     from verifier.api import install as install_verifier
     from verifier.gate_api import install as install_gate
+    from verifier.notify import install as install_webhooks
     from verifier.policy_api import install as install_policies
     from verifier.trust_api import install as install_trust
 
     return [install_auth, install_registrar, install_policies, install_verifier, install_admission,
-            install_gate, install_trust]
+            install_gate, install_trust, install_webhooks]

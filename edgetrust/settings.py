@@ -158,6 +158,13 @@ class Settings:
     agent_event_log_replay: bool = _setting(
         False, "Extend PCRs 0-9 and 14 with the digests of agent_event_log once after each TPM "
         "reset, in place of firmware, on a TPM simulator. Never set it with a hardware TPM.")
+    agent_push: bool = _setting(
+        False, "Push evidence to the verifier (push mode, for devices behind NAT) instead of "
+        "serving the agent API: ask for a challenge, quote, post the evidence, and wait until "
+        "the verifier asks for the next one. The device must be in push mode on the verifier.")
+    agent_push_url: str = _setting(
+        "", "Base URL of the verifier that push mode posts evidence to; empty means "
+        "agent_registrar_url.")
 
     # Verifier
     verifier_poll_interval: float = _setting(
@@ -199,6 +206,31 @@ class Settings:
     verifier_poll_in_server: bool = _setting(
         True, "Run the poller inside `edgetrust serve` when the database is SQLite. With "
         "PostgreSQL, run `edgetrust poll` workers instead.")
+
+    # Push mode
+    verifier_push_challenge_seconds: float = _setting(
+        60.0, "Seconds a push-mode challenge stays valid; evidence for it that arrives later is "
+        "rejected and the device asks for a new challenge.")
+    verifier_push_grace_seconds: float = _setting(
+        30.0, "Seconds a push-mode device may be late: a trusted verdict turns unknown when no "
+        "new evidence arrived by the last attestation plus the device's poll_interval plus "
+        "this grace.")
+
+    # Webhooks for verdict changes (receivers are managed with /v1/webhooks)
+    webhook_timeout: float = _setting(
+        10.0, "Seconds a webhook receiver may take to accept the connection and, again, to "
+        "answer one delivery.")
+    webhook_max_attempts: int = _setting(
+        8, "Attempts to deliver one event to one receiver before the delivery is marked failed.")
+    webhook_backoff_initial: float = _setting(
+        5.0, "Seconds before the first retry of a failed delivery; the delay doubles with each "
+        "attempt up to webhook_backoff_max.")
+    webhook_backoff_max: float = _setting(
+        3600.0, "Longest delay, in seconds, between two attempts of one delivery.")
+    webhook_poll_interval: float = _setting(
+        1.0, "Seconds the delivery worker waits between two reads of the outbox when it is empty.")
+    webhook_threads: int = _setting(
+        4, "Deliveries one delivery worker sends at the same time.")
 
     # Admission webhook and rollout gate
     admission_timeout: float = _setting(

@@ -72,6 +72,15 @@ STATUS_BY_CODE: dict[str, int] = {
     "policy-in-use": 409,
     "policy-content-corrupt": 500,
     "dsse-signature-invalid": 403,
+    "device-not-in-push-mode": 409,
+    "device-paused": 409,
+    "enrollment-invalid": 409,
+    "push-challenge-not-found": 404,
+    "push-challenge-used": 409,
+    "push-challenge-expired": 410,
+    "push-evidence-not-authenticated": 403,
+    "webhook-not-found": 404,
+    "webhook-exists": 409,
 }
 
 
