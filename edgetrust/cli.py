@@ -6,6 +6,7 @@ import click
 
 from edgetrust import __version__
 from edgetrust.commands.agent import agent_command
+from edgetrust.commands.car import car_group
 from edgetrust.commands.demo import demo_command
 from edgetrust.commands.evidence import evidence_group
 from edgetrust.commands.gate import gate_command
@@ -34,3 +35,4 @@ main.add_command(token_group)
 main.add_command(nodes_group)
 main.add_command(gate_command)
 main.add_command(guard_command)
+main.add_command(car_group)

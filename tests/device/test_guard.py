@@ -109,8 +109,9 @@ class GuardFactory:
     started: list[GuardProcess] = field(default_factory=list)
 
     def start(self, *, mode: str = "stop-on-sigterm", restart: bool = False, grace_period: float = 1.0,
-              token: str = TOKEN, env: dict[str, str] | None = None) -> GuardProcess:
-        """Start the guard over the workload script in ``mode``; see WORKLOAD for the modes."""
+              token: str = TOKEN, env: dict[str, str] | None = None,
+              workload: list[str] | None = None) -> GuardProcess:
+        """Start the guard over ``workload``, by default the WORKLOAD script in ``mode``."""
         number = len(self.started) + 1
         state = self.tmp_path / f"workload-{number}"
         state.mkdir()
@@ -118,10 +119,12 @@ class GuardFactory:
         script.write_text(WORKLOAD)
         token_file = self.tmp_path / f"token-{number}"
         token_file.write_text(token + "\n")
+        if workload is None:
+            workload = [sys.executable, str(script), str(state), mode]
         command = [
             sys.executable, "-m", "edgetrust", "guard", "--device", DEVICE_ID, "--server", self.server_url,
             "--token-file", str(token_file), "--grace-period", str(grace_period),
-            "--restart" if restart else "--no-restart", "--", sys.executable, str(script), str(state), mode,
+            "--restart" if restart else "--no-restart", "--", *workload,
         ]
         log_path = self.tmp_path / f"guard-{number}.log"
         with log_path.open("wb") as log_file:
