@@ -348,14 +348,19 @@ class ClientOptions:
 
 
 class TrustApiClient:
-    """Read one device's verdict and verdict stream from the trust API."""
+    """Read one device's verdict and verdict stream from the trust API.
+
+    Each thread gets its own ``requests.Session``, because requests does not promise that a
+    session is safe to share between threads.
+    """
 
     def __init__(self, device_id: str, options: ClientOptions, *,
-                 session: requests.Session | None = None,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.device_id = device_id
         self.options = options
-        self._session = session or requests.Session()
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._sessions_lock = threading.Lock()
         self._monotonic = monotonic
         self._log = device_logger(log, device_id)
         self._warned_no_date = False
@@ -369,7 +374,7 @@ class TrustApiClient:
         url = f"{self.base_url}/v1/devices/{quote(self.device_id, safe='')}/verdict"
         sent_at = self._monotonic()
         try:
-            response = self._session.get(url, headers=self._headers("application/json"),
+            response = self._session().get(url, headers=self._headers("application/json"),
                                          timeout=self.options.request_timeout, verify=self._verify())
         except requests.RequestException as error:
             raise _unreachable(url, error) from None
@@ -396,7 +401,7 @@ class TrustApiClient:
             headers["Last-Event-ID"] = last_event_id
         sent_at = self._monotonic()
         try:
-            response = self._session.get(
+            response = self._session().get(
                 url, params={"device_ids": self.device_id}, headers=headers, stream=True,
                 timeout=(self.options.request_timeout, self.options.idle_timeout), verify=self._verify(),
             )
@@ -415,7 +420,20 @@ class TrustApiClient:
         return VerdictStream(response, self._clock(response, sent_at))
 
     def close(self) -> None:
-        self._session.close()
+        """Close the sessions of every thread; call when no thread uses the client any more."""
+        with self._sessions_lock:
+            for session in self._sessions:
+                session.close()
+            self._sessions.clear()
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            self._local.session = session
+            with self._sessions_lock:
+                self._sessions.append(session)
+        return session
 
     def _headers(self, accept: str) -> dict[str, str]:
         headers = {"Accept": accept}
