@@ -79,6 +79,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "push-challenge-used": 409,
     "push-challenge-expired": 410,
     "push-evidence-not-authenticated": 403,
+    "policy-unavailable": 503,
     "webhook-not-found": 404,
     "webhook-exists": 409,
 }

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 import requests
 from flask import Blueprint, Flask, Response, jsonify, request
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import Connection, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -181,12 +181,13 @@ def expiry_event(device_id: str, verdict_id: str, attested_at: datetime | None,
     }
 
 
-def enqueue_verdict_change(session: Session, verdict: Verdict, previous: PreviousVerdict,
+def enqueue_verdict_change(session: Session | Connection, verdict: Verdict, previous: PreviousVerdict,
                            *, now: datetime | None = None) -> int:
     """Queue ``verdict`` for every webhook if it changes the device's effective status or reasons.
 
     Call it in the transaction that stores the verdict, for every verdict stored, because it
-    decides itself whether the verdict is a change. Returns the number of deliveries queued.
+    decides itself whether the verdict is a change. ``session`` may be an ORM session or a Core
+    connection. Returns the number of deliveries queued.
     """
     old_status, old_codes = previous.effective_at(verdict.issued_at)
     new_codes = tuple(reason.code for reason in verdict.reasons)
@@ -229,7 +230,7 @@ def enqueue_expired_verdicts(session: Session, now: datetime, *, limit: int = EX
     return queued
 
 
-def _enqueue(session: Session, webhook_ids: Sequence[int], payload: Mapping[str, Any],
+def _enqueue(session: Session | Connection, webhook_ids: Sequence[int], payload: Mapping[str, Any],
              now: datetime) -> int:
     """Insert one pending delivery per webhook, skipping those already queued for this event."""
     queued = 0
@@ -244,12 +245,13 @@ def _enqueue(session: Session, webhook_ids: Sequence[int], payload: Mapping[str,
     return queued
 
 
-def _insert_ignoring_duplicates(session: Session, values: Mapping[str, Any]) -> bool:
+def _insert_ignoring_duplicates(session: Session | Connection, values: Mapping[str, Any]) -> bool:
     """Insert a delivery unless one exists for the same webhook and event.
 
     A duplicate must not raise: an IntegrityError would roll back the verdict it belongs to.
     """
-    dialect = session.get_bind().dialect.name
+    bind = session if isinstance(session, Connection) else session.get_bind()
+    dialect = bind.dialect.name
     if dialect == "postgresql":
         statement: Any = postgresql_insert(WebhookDelivery).values(**values).on_conflict_do_nothing()
     elif dialect == "sqlite":

@@ -214,6 +214,17 @@ def test_enqueue_counts_expired_trust_as_unknown(sessions: sessionmaker[Session]
     assert deliveries(sessions)[0].payload["old_status"] == "unknown"
 
 
+def test_enqueue_on_core_connection(sessions: sessionmaker[Session], migrated_engine: Engine,
+                                    clock: FakeClock) -> None:
+    add_webhook(sessions, "http://127.0.0.1:1/a", clock)
+
+    with migrated_engine.begin() as connection:
+        queued = enqueue_verdict_change(connection, untrusted_verdict("car-1", clock()), NOT_ATTESTED)
+
+    assert queued == 1
+    assert len(deliveries(sessions)) == 1
+
+
 def test_enqueue_without_webhooks_queues_nothing(sessions: sessionmaker[Session], clock: FakeClock) -> None:
     assert enqueue(sessions, untrusted_verdict("car-1", clock())) == 0
 
