@@ -1,6 +1,6 @@
 """The DonkeyCar car app: pilot model checks, parts, `edgetrust car init`, and the car as a process.
 
-The process tests need donkeycar (the ``demo`` extra) and are skipped without it; the test
+The process tests need donkeycar (the ``demo`` extra) and are skipped without it. The test
 process never imports donkeycar itself, so its banner stays out of the test output.
 """
 

@@ -458,6 +458,24 @@ def test_stream_abrupt_drop_raises(trust_server: FakeTrustServer) -> None:
     assert caught.value.code == "stream-interrupted"
 
 
+def test_stream_silence_times_out() -> None:
+    server = FakeTrustServer(heartbeat=60.0).start()
+    try:
+        options = ClientOptions(server.url, TOKEN, request_timeout=5.0, idle_timeout=1.0)
+        client = TrustApiClient(DEVICE_ID, options)
+        started = time.monotonic()
+
+        with client.open_stream(None) as stream, pytest.raises(VerdictClientError) as caught:
+            for _event in stream.events():
+                pass
+    finally:
+        server.stop()
+
+    assert caught.value.code == "stream-interrupted"
+    assert "timed out" in caught.value.message.lower()
+    assert time.monotonic() - started < DEADLINE
+
+
 def test_stream_rejects_refused_connection(trust_server: FakeTrustServer) -> None:
     trust_server.accept_streams = False
 
