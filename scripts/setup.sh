@@ -33,5 +33,5 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e ".[device,kubernetes,test]"
+.venv/bin/pip install -q -e ".[device,kubernetes,demo,test]"
 echo "edgetrust installed in $root/.venv"
