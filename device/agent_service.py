@@ -10,7 +10,8 @@ and the agent API.
    0-9. With neither, the agent serves no IMA list.
 3. The quoter, with the payload key and the enrolled AK.
 4. The agent API on the contact address: HTTPS that requires a client certificate from
-   ``agent_client_ca``, or plain HTTP when ``agent_enable_mtls`` is false.
+   ``agent_client_ca``, or plain HTTP when ``agent_enable_mtls`` is false. In push mode
+   (``push_url`` set) a thread pushes evidence to the verifier instead (``device.push``).
 5. A thread that runs the IMA simulator again every ``agent_ima_remeasure_interval`` seconds.
 
 ``stop`` undoes them in reverse order.
@@ -38,9 +39,11 @@ from device.bootlog_sim import (
     load_event_log,
     replay_event_log_into_tpm,
 )
+from device.enroll import Backoff
 from device.errors import AgentSettingsError
 from device.ima_sim import SIMULATED_LIST_NAME, ImaSimulator, MeasurementListFile
 from device.payload import load_or_create_payload_key
+from device.push import PushClient, PushLoop
 from device.tls import load_or_create_tls_identity, server_ssl_context
 from device.tpm import AttestationKey, DeviceTpm, EndorsementKey
 from edgetrust.logs import device_logger
@@ -62,6 +65,10 @@ class AgentServiceConfig:
     ima_remeasure_interval: float
     event_log: Path | None
     event_log_replay: bool
+    push_url: str = ""
+    """Verifier base URL that push mode posts evidence to; empty serves the agent API instead."""
+    retry_initial: float = 1.0
+    retry_max: float = 60.0
 
     @property
     def simulated_ima_list(self) -> Path:
@@ -71,7 +78,7 @@ class AgentServiceConfig:
 def check_service_config(config: AgentServiceConfig) -> None:
     """Raise AgentSettingsError for the first setting the service cannot use, before any TPM
     or network work starts."""
-    if config.enable_mtls and config.client_ca is None:
+    if config.enable_mtls and not config.push_url and config.client_ca is None:
         raise AgentSettingsError(
             "setting agent_client_ca is empty; set it to the PEM file of the CA that signs the "
             "verifier's client certificates, or set agent_enable_mtls to false to serve plain "
@@ -105,6 +112,8 @@ class AgentService:
         self._simulator: ImaSimulator | None = None
         self._remeasure_stop = threading.Event()
         self._remeasure_thread: threading.Thread | None = None
+        self._push_stop = threading.Event()
+        self._push_thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -135,7 +144,11 @@ class AgentService:
         loader = device_ak_loader(self._device, self._ek, self._ak)
         self._quoter = AgentQuoter(tpm, self._ak.public, loader, payload_key)
 
-        # 4. API server.
+        # 4. API server, or pushing.
+        if self.config.push_url:
+            self._start_pushing(ima_list, event_log)
+            self._start_remeasuring()
+            return
         evidence = AgentEvidence(agent_id=self.agent_id, quoter=self._quoter,
                                  ima_list=ima_list, event_log=event_log,
                                  boot_time=read_boot_time())
@@ -147,6 +160,16 @@ class AgentService:
 
         # 5. Re-measuring.
         self._start_remeasuring()
+
+    def _start_pushing(self, ima_list: MeasurementListFile | None, event_log: bytes | None) -> None:
+        assert self._quoter is not None
+        client = PushClient(self.config.push_url, self.agent_id)
+        loop = PushLoop(client, self.agent_id, self._quoter, ima_list, event_log,
+                        Backoff(self.config.retry_initial, self.config.retry_max),
+                        boot_time=read_boot_time())
+        self._push_thread = threading.Thread(target=loop.run, args=(self._push_stop,), name="push",
+                                             daemon=True)
+        self._push_thread.start()
 
     def _event_log(self, tpm: AttestationTpm) -> bytes | None:
         path = event_log_path(self.config.event_log)
@@ -208,11 +231,15 @@ class AgentService:
         self._remeasure_thread.start()
 
     def stop(self) -> None:
-        """Stop re-measuring, stop the API server and flush the AK; safe to call twice."""
+        """Stop re-measuring, pushing and the API server, and flush the AK; safe to call twice."""
         self._remeasure_stop.set()
         if self._remeasure_thread is not None:
             self._remeasure_thread.join(timeout=60)
             self._remeasure_thread = None
+        self._push_stop.set()
+        if self._push_thread is not None:
+            self._push_thread.join(timeout=90)
+            self._push_thread = None
         if self._server is not None:
             self._server.stop()
             self._server = None

@@ -1,7 +1,8 @@
 """``edgetrust agent``: the device agent.
 
 The agent enrolls with the registrar, then serves the Keylime agent API (quotes, the IMA
-measurement list, the UEFI event log) until SIGTERM or SIGINT. The device modules are imported
+measurement list, the UEFI event log) until SIGTERM or SIGINT. With ``agent_push`` it pushes
+that evidence to the verifier instead (``device.push``). The device modules are imported
 inside the command because they need tpm2-pytss and libtss2, which only devices install (the
 ``device`` extra). Every other command must load without them.
 """
@@ -107,6 +108,9 @@ def service_config(settings: Settings) -> AgentServiceConfig:
         ima_remeasure_interval=settings.agent_ima_remeasure_interval,
         event_log=settings.agent_event_log,
         event_log_replay=settings.agent_event_log_replay,
+        push_url=(settings.agent_push_url or settings.agent_registrar_url) if settings.agent_push else "",
+        retry_initial=settings.agent_retry_initial,
+        retry_max=settings.agent_retry_max,
     )
 
 
@@ -157,14 +161,15 @@ def _log_enrolled(enrollment: Enrollment) -> None:
 
 def _run_until_stopped(tpm: DeviceTpm, enrollment: Enrollment, config: AgentServiceConfig,
                        stop: threading.Event) -> None:
-    """Serve the agent API after enrollment until ``stop`` is set, then stop it."""
+    """Serve the agent API, or push evidence, after enrollment until ``stop`` is set."""
     from device.agent_service import AgentService
 
     device_log = device_logger(log, enrollment.agent_id)
     service = AgentService(tpm, enrollment.agent_id, enrollment.ek, enrollment.identity.ak, config)
     service.start()
     try:
-        device_log.info("enrolled and serving the agent API; waiting for SIGTERM or SIGINT")
+        device_log.info("enrolled and %s; waiting for SIGTERM or SIGINT",
+                        "pushing evidence" if config.push_url else "serving the agent API")
         stop.wait()
         device_log.info("agent stopping on %s", _signal_name(stop))
     finally:
