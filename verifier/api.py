@@ -10,7 +10,7 @@ policy store.
     POST   /v1/devices/{id}/pause              stop attesting it; its verdict then expires
     POST   /v1/devices/{id}/resume             attest it again from now
     DELETE /v1/devices/{id}                    remove it with its attestations (204)
-    GET    /v1/devices/{id}/verdict            the verdict as it stands now
+    GET    /v1/devices/{id}/verdict            the verdict as of now
     GET    /v1/devices/{id}/attestations?limit=N   the newest N attestations with findings
 
 ``edgetrust.auth`` checks the API token of every request: reading a verdict needs the ``read``
@@ -262,7 +262,7 @@ def stored_verdict(device: VerifierDevice) -> Verdict | None:
 
 
 def verdict_json(device: VerifierDevice, at: datetime) -> dict[str, Any]:
-    """Return the device's verdict as it stands at ``at``: expired trust reads unknown."""
+    """Return the device's verdict as of ``at``: a trusted verdict past its expiry reads unknown."""
     verdict = stored_verdict(device)
     if verdict is None:
         return {"verdict_id": None, "device_id": device.device_id, "status": VerdictStatus.UNKNOWN.value,

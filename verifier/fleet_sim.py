@@ -1,6 +1,6 @@
 """A software fleet: many Keylime agent API endpoints in one process, for tests and benchmarks.
 
-Each ``SimulatedDevice`` stands in for a device with a TPM and IMA. ``SoftwareTpm`` holds an
+Each ``SimulatedDevice`` simulates a device with a TPM and IMA. ``SoftwareTpm`` holds an
 EK and an AK as software ECDSA P-256 keys, PCR banks and the clockInfo counters, and signs
 quotes (TPMS_ATTEST and TPMT_SIGNATURE built here as a TPM builds them). The simulated kernel
 logs an ima-ng entry for each file it measures and extends PCR 10 with it. ``Fleet`` serves
@@ -242,7 +242,7 @@ class SimulatedDevice:
     entries_after_quote: int = 0
     reachable: bool = True
     answer_delay: float = 0.0
-    """Seconds to wait before answering a request, to make a slow or hanging agent."""
+    """Seconds to wait before responding to a request, to simulate a slow or hanging agent."""
     freeze_pcr10: bool = False
     """Stop extending PCR 10 while the list keeps growing (an attack the progress check finds)."""
     event_log: bytes | None = None
@@ -302,7 +302,7 @@ class SimulatedDevice:
             return start, "".join(line + "\n" for line in self.ima_lines[start:])
 
     def answer_quote(self, query: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
-        """Answer ``GET /v2.x/quotes/integrity`` as a Keylime agent; return status and body."""
+        """Respond to ``GET /v2.x/quotes/integrity`` as a Keylime agent; return status and body."""
         self.last_request = dict(query)
         self.requests.append(dict(query))
         try:

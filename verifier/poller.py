@@ -4,7 +4,8 @@ One cycle for one device:
 
 1. Claim. A poller claims due devices in one short transaction: it moves their due time to
    the end of a lease and writes its name and a random claim id. On PostgreSQL the due rows
-   are selected ``FOR UPDATE SKIP LOCKED``, so pollers never wait for each other. The claim is
+   are selected ``FOR UPDATE SKIP LOCKED``, so a poller skips rows that another is claiming
+   instead of waiting for them. The claim is
    a conditional UPDATE that still requires the row to be due, which on SQLite (one writer at
    a time) keeps two pollers from claiming one device too. A poller that dies leaves its
    devices claimed until the lease expires; then they are due again.
@@ -288,7 +289,7 @@ def enrollment_of(device_id: str, aik_tpm: bytes, ek_tpm: bytes | None) -> Enrol
 
 # --- The poller -----------------------------------------------------------------------------
 
-# What a claim reads of a device and its registrar row.
+# Columns of a device and its registrar row that a claim reads.
 _CLAIM_COLUMNS: Final = (
     VerifierDevice.id, VerifierDevice.device_id, VerifierDevice.ip, VerifierDevice.port,
     VerifierDevice.poll_interval, VerifierDevice.consecutive_failures, VerifierDevice.verdict_status,

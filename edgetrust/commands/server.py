@@ -21,6 +21,7 @@ from edgetrust.db import (
     make_engine,
     upgrade,
 )
+from edgetrust.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def serve_command(config_file: Path | None, host: str | None, port: int | None) 
                  post_fork=lambda _server, _worker: _start_poller(settings))
 
 
-def _start_poller(settings: Any) -> None:
+def _start_poller(settings: Settings) -> None:
     from edgetrust.commands.poll import start_embedded_poller
 
     start_embedded_poller(settings)
