@@ -5,8 +5,8 @@ checks credentials itself. The route table :data:`ROUTE_SCOPES` maps a method an
 the scope it needs:
 
 - open, because agents prove themselves with the TPM: ``GET /healthz``, ``GET /version``, and
-  Keylime agent registration and activation (``POST`` and ``PUT /v2.x/agents/{id}``,
-  ``POST /v2.x/agents/{id}/activate``);
+  Keylime agent registration and activation (``POST`` and ``PUT /v{version}/agents/{id}``,
+  ``POST /v{version}/agents/{id}/activate``);
 - ``read``: ``GET /v1/devices/{id}/verdict``, ``POST /v1/verdicts:batch``,
   ``GET /v1/verdicts/stream``, ``GET /v1/keys``, ``POST /v1/admission``, ``POST /v1/gate``;
 - ``admin``: everything else, including routes that do not exist.
@@ -34,7 +34,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.context import AppServices
 from edgetrust.web import error_response
-from registrar.api import API_VERSIONS
 from verifier.tokens import Scope, TokenError, TokenIdentity, authenticate
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,8 @@ log = logging.getLogger(__name__)
 # WSGI environ key in which mod_wsgi-style servers put the verified client certificate's CN.
 CLIENT_CN_ENVIRON_KEY: Final = "SSL_CLIENT_S_DN_CN"
 ADMISSION_PATH: Final = "/v1/admission"
-_AGENT_PREFIX: Final = r"/v(?:{})/agents/[^/]+".format("|".join(re.escape(v) for v in API_VERSIONS))
+# Any API version: the registrar answers an agent that uses an unsupported version itself.
+_AGENT_PREFIX: Final = r"/v[0-9]+(?:\.[0-9]+)?/agents/[^/]+"
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ class Authorizer:
 
     def _admission_client_allowed(self) -> bool:
         # TODO: the gunicorn server of `edgetrust serve` does not terminate mutual TLS or put
-        # the client certificate into the environ; until a TLS front end that does is set up,
-        # CLIENT_CN_ENVIRON_KEY is absent and the admission route needs a read token.
+        # the client certificate into the environ. Until a TLS front end that does so is set
+        # up, CLIENT_CN_ENVIRON_KEY is absent and the admission route needs a read token.
         if not self._admission_client_cns:
             return False
         common_name = request.environ.get(CLIENT_CN_ENVIRON_KEY)

@@ -5,7 +5,7 @@ status or reason codes change; the row's autoincrement ``id`` is the verdict-cha
 Every stream reads that table, so any number of server replicas serve the same events, and a
 client that reconnects with ``Last-Event-ID: <sequence>`` receives every change after it.
 
-A stream sends three kinds of ``verdict`` event, told apart by the ``cause`` field:
+A stream sends three kinds of ``verdict`` event, distinguished by the ``cause`` field:
 
 - ``current``: on connect without ``Last-Event-ID``, the current verdict of each requested
   device, all with the newest sequence;
@@ -111,9 +111,9 @@ def _device_missing(device_id: str) -> dict[str, Any]:
 def current_verdicts(session: Session, targets: Targets, at: datetime) -> list[dict[str, Any]]:
     """Return the verdict at ``at`` of each target, in request order.
 
-    A device the verifier does not attest reads as unknown with reason ``device-not-found``, a
-    node without a device as unknown with reason ``node-not-mapped``; verdicts of targets given
-    by node carry a ``node`` field.
+    A device the verifier does not attest reads as unknown with reason ``device-not-found``,
+    and a node without a device as unknown with reason ``node-not-mapped``. Verdicts of
+    targets named by node carry a ``node`` field.
     """
     resolved = resolve(session, targets)
     query = select(VerifierDevice)

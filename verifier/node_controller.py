@@ -48,12 +48,12 @@ NODE_NOT_MAPPED: Final = "node-not-mapped"
 # Node names per batch request; below the server's default trust_batch_max_items.
 BATCH_SIZE: Final = 500
 REQUEST_TIMEOUT: Final = 10.0
-# Longest wait for a stream line; the server sends a heartbeat every 15 s by default.
+# Maximum wait for a stream line, in seconds. The server sends a heartbeat every 15 s by default.
 STREAM_READ_TIMEOUT: Final = 60.0
 
 
 class TrustApiError(Exception):
-    """The trust API could not be reached or answered with an error."""
+    """The trust API could not be reached or returned an error."""
 
 
 # --- verdicts ---------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def desired_trust(labels: Mapping[str, str], verdict: NodeVerdict | None, now: d
     """Return whether the node should be marked trusted, or None to leave it alone.
 
     A node that is mapped gets its device's verdict. A node that carries the label but is not
-    mapped, or whose verdict is unknown to the controller, is marked untrusted; other nodes
+    mapped, or whose verdict the controller does not have, is marked untrusted. Other nodes
     are not edgetrust's.
     """
     if verdict is not None and verdict.mapped:
@@ -194,7 +194,7 @@ def _pointer(key: str) -> str:
 
 @dataclass
 class PassReport:
-    """What one pass did; ``ok`` is false when it should be retried after a backoff delay."""
+    """Counts of one pass; ``ok`` is false when the pass should be retried after a backoff delay."""
 
     patched: int = 0
     unchanged: int = 0

@@ -79,7 +79,7 @@ class ApiToken(Base):
 
 @dataclass(frozen=True, slots=True)
 class TokenIdentity:
-    """Who called: the name and scope of an accepted token."""
+    """The name and scope of an accepted token."""
 
     name: str
     scope: Scope
@@ -140,7 +140,7 @@ def authenticate(session: Session, unverified_token: str, *, now: datetime) -> T
     """Return the identity of a presented token, or raise TokenError.
 
     Codes: ``token-malformed``, ``token-unknown``, ``token-revoked``, ``token-expired``. The
-    row is found by the digest of the secret; the digests are then compared in constant time,
+    row is found by the digest of the secret. The digests are then compared in constant time,
     so the comparison does not reveal how much of a guessed token was right.
     """
     digest = _secret_digest(unverified_token)

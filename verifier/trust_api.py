@@ -7,8 +7,8 @@
     GET  /v1/devices/{id}/verdict?format=jws   (or Accept: application/jose) the verdict as a
                                          compact JWS signed with ES256 (verifier.jws)
 
-The single-device route belongs to ``verifier.api``; this module wraps its view so that the
-JSON form stays the verifier's and the JWS signs exactly that JSON. A device or node that is
+The single-device route belongs to ``verifier.api``. This module wraps its view, so the JSON
+form stays the verifier's and the JWS signs exactly that JSON. A device or node that is
 not found reads as an unknown verdict, not as an error, so a gate asking about a fleet gets an
 answer for every member. Scopes are enforced by ``edgetrust.auth``.
 """
@@ -49,7 +49,7 @@ def _utc_now() -> datetime:
 
 @dataclass
 class TrustService:
-    """What the trust routes share: sessions, the verdict signer, stream options and a clock."""
+    """State shared by the trust routes: sessions, the verdict signer, stream options, a clock."""
 
     sessions: sessionmaker[Session]
     signer: jws.VerdictSigner
@@ -173,6 +173,8 @@ def stream_verdicts() -> Response:
     targets = parse_stream_targets(request.args, service.batch_max_items)
     last_event_id = parse_last_event_id()
 
+    # NOTE: the token is checked when the stream opens. A stream whose token is revoked later
+    # runs on until trust_stream_max_seconds, and the reconnection is then rejected.
     stream = VerdictStream(service.sessions, targets, last_event_id=last_event_id,
                            options=service.stream_options, clock=service.clock)
 
@@ -186,7 +188,7 @@ def signing_keys() -> Response:
 
 
 def _signable(view: Callable[..., Any]) -> Callable[..., ResponseReturnValue]:
-    """Wrap the verdict view so that it answers a compact JWS of its JSON when one is requested."""
+    """Wrap the verdict view so that it returns a compact JWS of its JSON when one is requested."""
 
     @functools.wraps(view)
     def verdict_view(**kwargs: Any) -> ResponseReturnValue:

@@ -40,6 +40,7 @@ OPEN_ROUTES = [
     ("POST", "/v2.1/agents/device-1"),
     ("PUT", "/v2.1/agents/device-1"),
     ("POST", "/v2.5/agents/device-1/activate"),
+    ("POST", "/v2.0/agents/device-1"),
 ]
 READ_ROUTES = [
     ("GET", "/v1/devices/device-1/verdict"),
@@ -125,7 +126,8 @@ def test_route_table_scopes() -> None:
 def test_route_table_rejects_lookalike_paths() -> None:
     assert required_scope("GET", "/v1/devices/a/b/verdict") is Scope.ADMIN
     assert required_scope("GET", "/v1/devices/a/verdict/x") is Scope.ADMIN
-    assert required_scope("POST", "/v9.9/agents/device-1") is Scope.ADMIN
+    assert required_scope("POST", "/v2.1/agents/a/b") is Scope.ADMIN
+    assert required_scope("POST", "/vx/agents/device-1") is Scope.ADMIN
     assert required_scope("DELETE", "/v2.1/agents/device-1") is Scope.ADMIN
     assert required_scope("GET", "/healthz/x") is Scope.ADMIN
     assert required_scope("OPTIONS", "/v1/keys") is Scope.ADMIN
