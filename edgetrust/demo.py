@@ -40,6 +40,8 @@ class DemoContext:
     workdir: Path
     out: TextIO
     server_url: str = ""
+    # Admin API token that the demo creates with `edgetrust token create`.
+    api_token: str = ""
     device_id: str = "demo-car-1"
     swtpm: SwtpmProcess | None = None
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -136,6 +138,8 @@ def start_server(context: DemoContext) -> None:
               f"the server did not answer on {context.server_url}/healthz")
     say(context, f"server listening on {context.server_url}, database "
                  f"{context.data_dir / 'edgetrust.db'}")
+    context.api_token = _create_admin_token(environment)
+    say(context, "created the admin API token 'demo' with `edgetrust token create`")
 
 
 def start_tpm(context: DemoContext) -> None:
@@ -228,8 +232,23 @@ def _spawn(context: DemoContext, name: str, arguments: list[str],
     return process
 
 
+def _create_admin_token(environment: dict[str, str]) -> str:
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "edgetrust", "token", "create", "--name", "demo", "--scope", "admin"],
+            env=environment, capture_output=True, text=True, timeout=60, check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DemoFailed("edgetrust token create did not finish in 60 s") from exc
+    if result.returncode != 0:
+        raise DemoFailed(f"edgetrust token create exited with status {result.returncode}: "
+                         f"{result.stderr.strip()[-200:]}")
+    return result.stdout.strip()
+
+
 def _get(context: DemoContext, path: str) -> dict[str, Any]:
-    response = requests.get(context.server_url + path, timeout=10)
+    response = requests.get(context.server_url + path, timeout=10,
+                            headers={"Authorization": f"Bearer {context.api_token}"})
     if response.status_code != 200:
         raise DemoFailed(f"GET {path} returned {response.status_code}: {response.text[:200]}")
     body: dict[str, Any] = response.json()

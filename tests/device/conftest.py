@@ -208,6 +208,7 @@ def build_registrar_app(directory: Path, ca_bundles: list[Path], *,
         database_url=f"sqlite:///{directory / 'registrar.db'}",
         ek_ca_dir=ca_dir,
         require_ek_certificate=require_ek_certificate,
+        api_auth=False,
     )
     engine = make_engine(settings.effective_database_url)
     upgrade(engine)

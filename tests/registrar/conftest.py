@@ -110,7 +110,8 @@ def serve_registrar(engine: Engine, settings: Settings) -> Iterator[Registrar]:
 @pytest.fixture
 def registrar_settings(tmp_path: Path, ek_cas: EkCas, migrated_engine: Engine) -> Settings:
     return Settings(data_dir=tmp_path, ek_ca_dir=ek_cas.bundle_dir,
-                    database_url=migrated_engine.url.render_as_string(hide_password=False))
+                    database_url=migrated_engine.url.render_as_string(hide_password=False),
+                    api_auth=False)
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def device(provisioned: Provisioned, tmp_path: Path) -> Iterator[TpmDevice]:
 @pytest.fixture
 def swtpm_registrar(migrated_engine: Engine, provisioned: Provisioned,
                     tmp_path: Path) -> Iterator[Registrar]:
-    settings = Settings(data_dir=tmp_path, ek_ca_dir=provisioned.bundle_dir)
+    settings = Settings(data_dir=tmp_path, ek_ca_dir=provisioned.bundle_dir, api_auth=False)
     yield from serve_registrar(migrated_engine, settings)
 
 
