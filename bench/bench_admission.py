@@ -147,9 +147,9 @@ def admit(session: requests.Session, base: str, image: PushedImage) -> float:
     started = time.perf_counter()
     response = session.post(f"{base}/v1/admission", json=body, timeout=30)
     elapsed = time.perf_counter() - started
-    answer = response.json()["response"]
-    if response.status_code != 200 or answer["allowed"] is not True:
-        raise RuntimeError(f"admission denied {image.pinned}: {answer}")
+    review_response = response.json()["response"]
+    if response.status_code != 200 or review_response["allowed"] is not True:
+        raise RuntimeError(f"admission denied {image.pinned}: {review_response}")
     return elapsed
 
 

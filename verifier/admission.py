@@ -59,7 +59,7 @@ ADMISSION_KIND: Final = "AdmissionReview"
 # network and the API server, so that a slow registry ends in a denial rather than a timeout.
 TIME_BUDGET_FRACTION: Final = 0.7
 
-# Error code of a request body that is not a usable AdmissionReview (answered with HTTP 400).
+# Error code of a request body that is not a usable AdmissionReview (returned as HTTP 400).
 ADMISSION_REVIEW_INVALID: Final = "admission-review-invalid"
 # Denial codes besides those of verifier.cosign and verifier.registry.
 NODE_NOT_MAPPED: Final = nodes.NODE_NOT_MAPPED
@@ -123,7 +123,7 @@ class AdmissionDecision:
         return not self.problems
 
     def review_response(self) -> dict[str, Any]:
-        """Return the AdmissionReview v1 that answers the request."""
+        """Return the AdmissionReview v1 response to the request."""
         response: dict[str, Any] = {"uid": self.request.uid, "allowed": self.allowed}
         if not self.allowed:
             response["status"] = {"code": 403, "reason": "Forbidden", "message": self.message()}
@@ -142,6 +142,9 @@ class AdmissionDecision:
             annotations["codes"] = ",".join(sorted({problem.code for problem in self.problems}))
         if self.request.node is None and self.request.images:
             annotations["node-check"] = "deferred-to-binding"
+        if self.node is not None:
+            annotations["device-id"] = self.node.device_id
+            annotations["verdict-id"] = str(self.node.verdict.verdict_id)
         return annotations
 
 
@@ -330,7 +333,7 @@ def node_problem(node: str, trust: nodes.DeviceTrust | None) -> Problem | None:
 
 
 class AdmissionController:
-    """Decides admission requests. Thread-safe; one per server process."""
+    """Admission decisions of one server process. Thread-safe."""
 
     def __init__(self, sessions: sessionmaker[Session], checker: ImageSignatureChecker, *,
                  policy_name: str, timeout: float,

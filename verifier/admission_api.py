@@ -1,10 +1,10 @@
 """``POST /v1/admission``: the Kubernetes validating admission webhook.
 
-The body is an AdmissionReview v1 and so is the answer, with the request's uid echoed. A
+The body is an AdmissionReview v1 and so is the response, with the request's uid echoed. A
 denial is HTTP 200 with ``allowed: false`` and a status message naming the node and its
 verdict, or the image and its signature problem. A body that is not a usable AdmissionReview
 gets HTTP 400 with ``{"error": {"code": "admission-review-invalid", ...}}``; the API server
-treats any answer other than a 200 review as a failed call, which the webhook configuration's
+treats any response other than a 200 review as a failed call, which the webhook configuration's
 ``failurePolicy: Fail`` turns into a rejection.
 
 The decision takes at most 70% of ``admission_timeout``. Image checks still running then are
@@ -77,8 +77,8 @@ def _controller() -> AdmissionController:
 
 @blueprint.post("/v1/admission")
 def admission() -> Response:
-    # TODO: accept only the API server (client certificate or token) once API authentication
-    # lands; until then anyone who reaches the route can ask for decisions.
+    # edgetrust.auth has checked the API token (scope read) or the API server's client
+    # certificate before this view runs.
     controller = _controller()
     deadline = Deadline.after(controller.budget)
 

@@ -4,7 +4,7 @@ Two storage formats are read, both from the image's own repository:
 
 - **Signature tag** (cosign's SIGNATURE_SPEC): a manifest tagged ``sha256-<hex>.sig`` whose
   layers are simple-signing payloads (``application/vnd.dev.cosign.simplesigning.v1+json``).
-  A layer's annotation ``dev.cosignproject.cosign/signature`` holds the base64 signature over
+  A layer's annotation ``dev.cosignproject.cosign/signature`` contains the base64 signature over
   the payload blob's bytes, and the payload names the image digest and repository it covers.
 - **Sigstore bundle referrer** (cosign's BUNDLE_SPEC, OCI 1.1 referrers): a manifest with
   ``artifactType`` ``application/vnd.dev.sigstore.bundle.v0.3+json`` whose ``subject`` is the
@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from policies.image_signature import AllowedKey, ImageSignaturePolicy
 from verifier.registry import (
+    REGISTRY_RESPONSE_INVALID,
     REGISTRY_TIMEOUT,
     Deadline,
     Descriptor,
@@ -79,8 +80,9 @@ IMAGE_SIGNATURE_REFERENCE_MISMATCH: Final = "image-signature-reference-mismatch"
 IMAGE_SIGNATURE_KEY_NOT_ALLOWED: Final = "image-signature-key-not-allowed"
 
 # Which failure to report when an image has several signatures and none passes: the one that
-# tells the operator most. A valid signature by an allowed key over another image beats a
-# signature by a key of the wrong repository, which beats one that no known key verifies.
+# gives the operator the most information. A valid signature by an allowed key over another
+# image ranks first, then a signature by a key of another repository, then one that no policy
+# key verifies.
 _FAILURE_RANK: Final = {
     IMAGE_SIGNATURE_DIGEST_MISMATCH: 0,
     IMAGE_SIGNATURE_REFERENCE_MISMATCH: 1,
@@ -88,8 +90,8 @@ _FAILURE_RANK: Final = {
     IMAGE_SIGNATURE_INVALID: 3,
 }
 
-# Signatures examined per image at most, so that an artifact with thousands of layers cannot
-# keep a check busy. cosign appends one layer per `cosign sign`, so real images have a few.
+# Maximum number of signatures examined per image, so that an artifact with thousands of layers
+# cannot keep a check busy. Each `cosign sign` adds one layer, so most images have a few.
 MAX_SIGNATURES: Final = 32
 
 
@@ -157,7 +159,7 @@ class SignatureCache:
     """Successful verifications, least recently used first out, each kept ``ttl`` seconds.
 
     Thread-safe. The time-to-live bounds how long a signature deleted from the registry still
-    counts; a new policy version or key set never reuses an entry, because both are in the key.
+    counts. A new policy version or key set never reuses an entry, because both are in the key.
     """
 
     def __init__(self, max_entries: int, ttl: float, clock: Callable[[], float] = time.monotonic):
@@ -201,8 +203,8 @@ class SignatureCache:
 
 
 def _signature_hashes(public_key: ec.EllipticCurvePublicKey) -> tuple[hashes.HashAlgorithm, ...]:
-    # cosign signs with SHA-256 by default on every curve; P-384 and P-521 keys may also sign
-    # with their matching hash.
+    # cosign's signature specification hashes with SHA-256, the registry's digest algorithm.
+    # P-384 and P-521 keys are also tried with their matching hash, which other signers use.
     if isinstance(public_key.curve, ec.SECP384R1):
         return (hashes.SHA256(), hashes.SHA384())
     if isinstance(public_key.curve, ec.SECP521R1):
@@ -212,10 +214,7 @@ def _signature_hashes(public_key: ec.EllipticCurvePublicKey) -> tuple[hashes.Has
 
 def verify_signature(key: AllowedKey, signature: bytes, message: bytes) -> None:
     """Verify ``signature`` over ``message`` with ``key``: ECDSA (DER), RSA PKCS #1 v1.5 with
-    SHA-256, or Ed25519. Raises cryptography's InvalidSignature.
-
-    NOTE: RSA-PSS signatures are not accepted.
-    """
+    SHA-256 (not RSA-PSS), or Ed25519. Raises cryptography's InvalidSignature."""
     public_key = key.public_key
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         for algorithm in _signature_hashes(public_key):
@@ -235,7 +234,7 @@ def verify_signature(key: AllowedKey, signature: bytes, message: bytes) -> None:
 
 
 def find_signer(keys: Sequence[AllowedKey], signature: bytes, message: bytes) -> AllowedKey | None:
-    """Return the first of ``keys`` whose signature ``signature`` is, or None."""
+    """Return the first of ``keys`` that verifies ``signature`` over ``message``, or None."""
     for key in keys:
         try:
             verify_signature(key, signature, message)
@@ -264,7 +263,7 @@ class _Keys:
 
 
 class CosignVerifier:
-    """Verifies one image reference at a time against a signature policy. Thread-safe."""
+    """Verifier of the cosign signature of one image reference per call. Thread-safe."""
 
     def __init__(self, registry: RegistryClient, cache: SignatureCache):
         self.registry = registry
@@ -323,6 +322,14 @@ class CosignVerifier:
             except ImageSignatureError as failure:
                 failures.append(failure)
                 continue
+            except RegistryError as error:
+                # A malformed signature artifact fails that signature only; an unreachable or
+                # slow registry fails the whole check.
+                if error.code != REGISTRY_RESPONSE_INVALID:
+                    raise
+                failures.append(ImageSignatureError(IMAGE_SIGNATURE_INVALID, error.message,
+                                                    image=reference))
+                continue
             assert image.digest is not None
             return VerifiedImage(reference=reference, repository=image.repository,
                                  digest=image.digest, key_name=key.name, key_id=key.key_id,
@@ -339,7 +346,8 @@ class CosignVerifier:
 
     def _candidates(self, image: ImageReference, deadline: Deadline) -> Iterator[_Candidate]:
         """Yield the signatures of the image: signature-tag layers first, then bundles. The
-        referrers are listed only if no signature-tag layer passed."""
+        caller stops at the first signature that passes, so the referrers are requested only
+        when no signature-tag layer passed."""
         assert image.digest is not None
         tag = image.digest.replace(":", "-", 1) + SIGNATURE_TAG_SUFFIX
         manifest = self.registry.get_manifest(image, tag, deadline)
@@ -377,8 +385,9 @@ class _Check:
         return ImageSignatureError(code, message, image=self.reference)
 
     def signer(self, signature: bytes, message: bytes, what: str) -> AllowedKey:
-        """Return the allowed key that made ``signature``; raise key-not-allowed when a key the
-        policy allows only elsewhere made it, and invalid when no policy key did."""
+        """Return the allowed key that made ``signature``. Raise key-not-allowed when a key
+        that the policy allows only for other repositories made it. Raise invalid when no
+        policy key did."""
         key = find_signer(self.keys.allowed, signature, message)
         if key is not None:
             return key
@@ -583,7 +592,7 @@ def _keys_for(policy: ImageSignaturePolicy, repository: str) -> _Keys:
 def _layers(document: dict[str, Any], what: str) -> list[Any]:
     layers = document.get("layers")
     if not isinstance(layers, list):
-        raise RegistryError("registry-response-invalid", f"{what} has no layers array")
+        raise RegistryError(REGISTRY_RESPONSE_INVALID, f"{what} has no layers array")
     return layers
 
 
@@ -609,11 +618,11 @@ ImageResult = VerifiedImage | ImageSignatureError
 
 
 class ImageSignatureChecker:
-    """Checks the images of one request in parallel and returns by a deadline.
+    """Checker of the images of one request, in parallel and by a deadline.
 
     A check still running at the deadline is reported as ``registry-timeout``. Its thread
-    finishes in the background, which takes little longer because every registry request is
-    itself bounded by the same deadline.
+    finishes in the background soon after, because every registry request is bounded by the
+    same deadline.
     """
 
     def __init__(self, verifier: CosignVerifier, threads: int):

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 GATE_REQUEST_INVALID: Final = "gate-request-invalid"
 NO_DEVICES_MATCHED: Final = "no-devices-matched"
 TRUSTED_FRACTION_TOO_LOW: Final = "trusted-fraction-too-low"
-# Most device ids, node names or labels one request may name.
+# Maximum number of device ids, node names or labels in one request.
 MAX_SELECTOR_ITEMS: Final = 10_000
 
 SelectorKind = Literal["device_ids", "nodes", "labels"]
@@ -168,7 +168,7 @@ def _labels(value: object) -> dict[str, str]:
 
 
 class RolloutGate:
-    """Decides gate requests. Thread-safe; one per server process."""
+    """Rollout gate decisions of one server process. Thread-safe."""
 
     def __init__(self, sessions: sessionmaker[Session], checker: ImageSignatureChecker, *,
                  policy_name: str, timeout: float,

@@ -6,7 +6,7 @@ Request::
      "selector": {"device_ids": ["car-7"]} | {"nodes": ["car-7"]} | {"labels": {"fleet": "a"}},
      "min_trusted_fraction": 0.9}
 
-The answer is HTTP 200 whether or not the rollout is allowed; ``allowed`` decides. A body that
+The response is HTTP 200 whether or not the rollout is allowed; ``allowed`` decides. A body that
 cannot be decided gets HTTP 400 with ``{"error": {"code": "gate-request-invalid", ...}}``.
 """
 
@@ -46,7 +46,7 @@ def _gate() -> RolloutGate:
 
 @blueprint.post("/v1/gate")
 def gate() -> Response:
-    # TODO: require an API token with a gate scope once API authentication lands.
+    # edgetrust.auth has checked the API token (scope read) before this view runs.
     rollout_gate = _gate()
     deadline = Deadline.after(rollout_gate.timeout)
 

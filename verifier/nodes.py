@@ -39,7 +39,7 @@ from verifier.verdicts import (
 NODE_NAME_MAX_LENGTH: Final = 253
 _NODE_NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
-# Reason codes of the unknown verdicts made up here.
+# Reason codes of the unknown verdicts built here.
 NODE_NOT_MAPPED: Final = "node-not-mapped"
 DEVICE_NOT_IN_VERIFIER: Final = "verifier-device-not-found"
 VERDICT_INVALID: Final = "verdict-invalid"
@@ -140,7 +140,7 @@ def nodes_with_labels(session: Session, selector: Mapping[str, str]) -> list[Nod
     """Return the nodes whose labels include every name and value of ``selector``, by name.
 
     NOTE: the labels are compared in Python, because SQLite and PostgreSQL query JSON
-    differently; this reads every mapped node, which suits fleets of thousands of nodes.
+    differently. Each call therefore reads every mapped node.
     """
     nodes = session.scalars(select(Node).order_by(Node.node_name))
     return [node for node in nodes
@@ -161,14 +161,6 @@ class DeviceTrust:
     @property
     def status(self) -> VerdictStatus:
         return self.verdict.status
-
-    def to_json(self) -> dict[str, Any]:
-        return {"device_id": self.device_id, "node": self.node,
-                "status": self.verdict.status.value,
-                "reasons": [reason.to_json() for reason in self.verdict.reasons],
-                "verdict_id": str(self.verdict.verdict_id),
-                "expires_at": None if self.verdict.expires_at is None
-                else self.verdict.expires_at.isoformat()}
 
 
 def device_verdicts(session: Session, device_ids: Sequence[str], at: datetime) -> dict[str, Verdict]:
@@ -200,7 +192,7 @@ def node_trust(session: Session, node_name: str, at: datetime) -> DeviceTrust | 
 
 
 def stored_verdict(device: VerifierDevice, at: datetime) -> Verdict:
-    """Return the verdict stored in ``device``'s row as it stands at ``at``."""
+    """Return the effective verdict at ``at`` of the verdict stored in ``device``'s row."""
     if device.verdict_id is None or device.verdict_issued_at is None:
         return unknown_verdict(device.device_id, NOT_ATTESTED,
                                f"device {device.device_id!r} has not been attested since it was "

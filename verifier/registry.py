@@ -9,15 +9,15 @@ realm and retries once with it.
 Every call takes a ``Deadline``: each HTTP request waits at most the time left, a response
 body is read in chunks with the deadline checked between them, and a call that would start
 after the deadline raises ``registry-timeout`` at once. Everything fetched by digest is
-checked against that digest, so a registry can refuse to answer but cannot substitute content.
+checked against that digest, so a registry can withhold content but cannot substitute it.
 
 Referrers (OCI distribution specification 1.1) come from ``GET /v2/<name>/referrers/<digest>``.
-A registry without that API answers 404, and the client then reads the referrers tag schema:
+A registry without that API returns 404, and the client then reads the referrers tag schema:
 an image index tagged ``sha256-<hex>`` that lists the referrers. The Docker distribution
 registry 2.8 has no referrers API, so it is read that way.
 
 NOTE: registries that need credentials (a private registry, a pull secret) are not supported
-yet; their 401 and 403 answers raise ``registry-access-denied``.
+yet; their 401 and 403 responses raise ``registry-access-denied``.
 """
 
 from __future__ import annotations
@@ -52,18 +52,18 @@ REGISTRY_ACCESS_DENIED: Final = "registry-access-denied"
 REGISTRY_RESPONSE_INVALID: Final = "registry-response-invalid"
 IMAGE_REFERENCE_INVALID: Final = "image-reference-invalid"
 
-# Largest manifest and blob read into memory. Signature manifests, simple-signing payloads and
-# Sigstore bundles are a few kilobytes; an image index of a few hundred platforms is far below.
+# Maximum size of a manifest or blob read into memory. Signature manifests, simple-signing
+# payloads and Sigstore bundles take a few kilobytes.
 MAX_DOCUMENT_BYTES: Final = 4 * 1024 * 1024
 # Maximum wait of one HTTP request, even when the deadline leaves more time.
 DEFAULT_REQUEST_TIMEOUT: Final = 10.0
-# Lifetime of an anonymous pull token whose token service states none (the Docker token
-# specification's default).
+# Assumed lifetime of a pull token whose token service gives no expires_in. Too short a value
+# only costs another token request.
 DEFAULT_TOKEN_SECONDS: Final = 60.0
 
 DOCKER_HUB: Final = "docker.io"
 _DOCKER_HUB_API_HOST: Final = "registry-1.docker.io"
-# Other names of Docker Hub; cosign writes index.docker.io into the references it signs.
+# Other host names that image references use for Docker Hub.
 _DOCKER_HUB_ALIASES: Final = frozenset({"index.docker.io", "registry-1.docker.io"})
 _CHUNK_BYTES: Final = 64 * 1024
 
@@ -224,7 +224,7 @@ def parse_descriptor(unverified: object, where: str) -> Descriptor:
     artifact_type = unverified.get("artifactType")
     annotations = unverified.get("annotations") or {}
     if not isinstance(media_type, str) or not isinstance(digest, str):
-        raise RegistryError(REGISTRY_RESPONSE_INVALID, f"{where} lacks mediaType or digest")
+        raise RegistryError(REGISTRY_RESPONSE_INVALID, f"{where} is missing mediaType or digest")
     if not SHA256_DIGEST.fullmatch(digest):
         raise RegistryError(REGISTRY_RESPONSE_INVALID,
                             f"{where} has digest {digest[:80]!r}; expected a sha256 digest")
@@ -262,7 +262,8 @@ class _Token:
 
 
 class RegistryClient:
-    """Reads manifests, blobs and referrers. Thread-safe; share one per process."""
+    """Client for the manifests, blobs and referrers of any registry. Thread-safe, so one
+    client serves a whole process."""
 
     def __init__(
         self,
@@ -386,7 +387,7 @@ class RegistryClient:
                                 f"{image.repository} (HTTP {status}); edgetrust pulls without "
                                 "credentials")
         raise RegistryError(REGISTRY_UNAVAILABLE,
-                            f"registry {image.registry} answered HTTP {status} for {url}")
+                            f"registry {image.registry} returned HTTP {status} for {url}")
 
     def _send(self, url: str, deadline: Deadline, headers: Mapping[str, str]) -> requests.Response:
         timeout = self._timeout(deadline, url)
@@ -410,7 +411,7 @@ class RegistryClient:
                     raise RegistryError(REGISTRY_RESPONSE_INVALID,
                                         f"{what} is larger than {MAX_DOCUMENT_BYTES} bytes")
                 if deadline.remaining() <= 0:
-                    raise RegistryError(REGISTRY_TIMEOUT, f"reading {what} passed the deadline")
+                    raise RegistryError(REGISTRY_TIMEOUT, f"reading {what} timed out at the deadline")
                 chunks.append(chunk)
         except requests.RequestException as error:
             raise self._failure(response.url, error, deadline) from None
@@ -421,7 +422,8 @@ class RegistryClient:
     def _timeout(self, deadline: Deadline, url: str) -> float:
         remaining = deadline.remaining()
         if remaining <= 0:
-            raise RegistryError(REGISTRY_TIMEOUT, f"no time left to request {url}")
+            raise RegistryError(REGISTRY_TIMEOUT, f"request to {url} timed out: the deadline passed "
+                                "before it was sent")
         return min(remaining, self._request_timeout)
 
     @staticmethod

@@ -6,7 +6,7 @@ has no authentication, and writes an access log line per request, which ``reques
 counts. It has no referrers API, so bundle signatures are listed in the referrers tag schema's
 index (tag ``sha256-<hex>``), as cosign does on such registries.
 
-Also here: ``HangingServer``, a TCP server that accepts connections and never answers, and
+Also here: ``HangingServer``, a TCP server that accepts connections and never responds, and
 ``closed_port``, a port with nothing listening.
 """
 
@@ -309,13 +309,16 @@ class Registry:
     def sign_bundle(self, image: PushedImage, key: PrivateKey, *,
                     claimed_digest: str | None = None, message: bytes | None = None,
                     subject_digest: str | None = None, dsse: bool = False,
-                    verification_material: dict[str, Any] | None = None) -> str:
+                    verification_material: dict[str, Any] | None = None,
+                    omit_subject: bool = False) -> str:
         """Push a Sigstore bundle referrer signing the image manifest and list it in the
         referrers tag schema's index. Returns the referrer manifest's digest.
 
-        ``claimed_digest`` changes the bundle's messageDigest, ``message`` the signed bytes,
-        ``subject_digest`` the referrer's subject, ``verification_material`` the key material the
-        bundle carries; ``dsse`` writes a DSSE envelope instead of a messageSignature.
+        The keyword arguments make wrong signatures. ``claimed_digest`` changes the bundle's
+        messageDigest, ``message`` the signed bytes and ``subject_digest`` the referrer's
+        subject, which ``omit_subject`` leaves out. ``verification_material`` replaces the key
+        material the bundle carries, and ``dsse`` writes a DSSE envelope instead of a
+        messageSignature.
         """
         path = image.repository.split("/", 1)[1]
         signed = message if message is not None else image.manifest
@@ -338,7 +341,7 @@ class Registry:
         bundle_bytes = _canonical(bundle)
 
         subject = subject_digest or image.digest
-        referrer = _canonical({
+        referrer_document: dict[str, Any] = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "artifactType": BUNDLE,
@@ -346,7 +349,10 @@ class Registry:
             "layers": [{"mediaType": BUNDLE, "digest": self.push_blob(path, bundle_bytes),
                         "size": len(bundle_bytes)}],
             "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": len(image.manifest)},
-        })
+        }
+        if omit_subject:
+            del referrer_document["subject"]
+        referrer = _canonical(referrer_document)
         referrer_digest = self.push_manifest(path, _digest(referrer), referrer)
         self._add_referrer(path, image.digest, referrer_digest, len(referrer))
         return referrer_digest
@@ -379,7 +385,7 @@ def running_registry() -> Iterator[Registry]:
 
 
 class HangingServer:
-    """A TCP server on 127.0.0.1 that accepts connections, reads nothing and never answers."""
+    """A TCP server on 127.0.0.1 that accepts connections, reads nothing and never responds."""
 
     def __init__(self) -> None:
         self._socket = socket.create_server(("127.0.0.1", 0))

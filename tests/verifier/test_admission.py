@@ -244,6 +244,8 @@ def test_signed_pod_on_trusted_node_allowed(cluster: Cluster) -> None:
     assert response["allowed"] is True
     assert "status" not in response
     assert response["auditAnnotations"]["decision"] == "allow"
+    assert response["auditAnnotations"]["device-id"] == "car-7"
+    uuid.UUID(response["auditAnnotations"]["verdict-id"])
 
 
 def test_generate_name_pod_defers_node(cluster: Cluster) -> None:

@@ -71,7 +71,7 @@ def test_webhook_timeout_matches_setting() -> None:
 
 
 def test_webhook_rules_cover_pods_bindings_ephemeral() -> None:
-    covered = set()
+    covered: set[tuple[str, str]] = set()
     for webhook in webhooks().values():
         for rule in webhook["rules"]:
             assert rule["apiGroups"] == [""]

@@ -281,7 +281,7 @@ def test_payload_of_other_type_invalid(registry: Registry, verifier: CosignVerif
     assert "atomic container signature" in error.message
 
 
-def test_most_telling_failure_reported(registry: Registry, verifier: CosignVerifier,
+def test_most_informative_failure_reported(registry: Registry, verifier: CosignVerifier,
                                        policy: SignaturePolicy, release_key: PrivateKey,
                                        tools_key: PrivateKey) -> None:
     image = registry.push_image(CAR)
@@ -344,6 +344,26 @@ def test_key_material_in_bundle_ignored(registry: Registry, verifier: CosignVeri
     registry.sign_bundle(image, attacker, verification_material=material)
 
     assert failure(verifier, image.pinned, policy).code == "image-signature-invalid"
+
+
+def test_malformed_referrer_skipped(registry: Registry, verifier: CosignVerifier,
+                                   policy: SignaturePolicy, release_key: PrivateKey) -> None:
+    image = registry.push_image(CAR)
+    registry.sign_bundle(image, release_key, omit_subject=True)
+    registry.sign_bundle(image, release_key)
+
+    assert verify(verifier, image.pinned, policy).signature_format == "sigstore-bundle"
+
+
+def test_malformed_referrer_alone_invalid(registry: Registry, verifier: CosignVerifier,
+                                          policy: SignaturePolicy, release_key: PrivateKey) -> None:
+    image = registry.push_image(CAR)
+    registry.sign_bundle(image, release_key, omit_subject=True)
+
+    error = failure(verifier, image.pinned, policy)
+
+    assert error.code == "image-signature-invalid"
+    assert "subject of" in error.message
 
 
 def test_bundle_by_other_repository_key(registry: Registry, verifier: CosignVerifier,
@@ -459,7 +479,7 @@ def test_hanging_registry_times_out_by_deadline(release_key: PrivateKey) -> None
     assert elapsed < 3.0
 
 
-def test_checker_answers_by_deadline(registry: Registry, verifier: CosignVerifier,
+def test_checker_returns_by_deadline(registry: Registry, verifier: CosignVerifier,
                                      policy: SignaturePolicy, release_key: PrivateKey) -> None:
     image = registry.push_image(CAR)
     registry.sign_simple(image, release_key)

@@ -291,8 +291,8 @@ def test_command_allowed_exits_zero(cluster: Cluster) -> None:
                           "--min-trusted-fraction", "1.0", "--token", "unused")
 
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("allowed: 1 of 1 targets trusted")
-    assert "signed by key 'release'" in result.output
+    assert result.stdout.startswith("allowed: 1 of 1 targets trusted")
+    assert "signed by key 'release'" in result.stdout
 
 
 def test_command_denied_prints_reasons(cluster: Cluster) -> None:
@@ -306,10 +306,10 @@ def test_command_denied_prints_reasons(cluster: Cluster) -> None:
                           "--device", "car-2", "--min-trusted-fraction", "0.9")
 
     assert result.exit_code == 1
-    assert result.output.startswith("denied: 1 of 2 targets trusted")
-    assert "trusted-fraction-too-low" in result.output
+    assert result.stdout.startswith("denied: 1 of 2 targets trusted")
+    assert "trusted-fraction-too-low" in result.stdout
     assert ("device car-2 is untrusted: ima-digest-not-allowed: /usr/bin/evil is not allowed"
-            in result.output)
+            in result.stdout)
 
 
 def test_command_json_output(cluster: Cluster) -> None:
@@ -323,7 +323,7 @@ def test_command_json_output(cluster: Cluster) -> None:
                           "fleet=track", "--json")
 
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["devices"][0]["node"] == "node-1"
+    assert json.loads(result.stdout)["devices"][0]["node"] == "node-1"
 
 
 def test_command_server_unreachable() -> None:
@@ -331,7 +331,7 @@ def test_command_server_unreachable() -> None:
                       "--device", "car-1")
 
     assert result.exit_code == 2
-    assert "cannot reach" in result.output
+    assert "cannot reach" in result.stderr
 
 
 def test_command_bad_request_no_decision(tmp_path: Path) -> None:
@@ -340,7 +340,7 @@ def test_command_bad_request_no_decision(tmp_path: Path) -> None:
         result = run_gate("--server", server.url, "--image", " ", "--device", "car-1")
 
     assert result.exit_code == 2
-    assert "HTTP 400: gate-request-invalid" in result.output
+    assert "HTTP 400: gate-request-invalid" in result.stderr
 
 
 @pytest.mark.parametrize("targets", [[], ["--device", "a", "--node", "b"], ["--label", "fleet"]])
