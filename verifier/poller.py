@@ -5,9 +5,9 @@ One cycle for one device:
 1. Claim. A poller claims due devices in one short transaction: it moves their due time to
    the end of a lease and writes its name and a random claim id. On PostgreSQL the due rows
    are selected ``FOR UPDATE SKIP LOCKED``, so a poller skips rows that another is claiming
-   instead of waiting for them. The claim is
-   a conditional UPDATE that still requires the row to be due, which on SQLite (one writer at
-   a time) keeps two pollers from claiming one device too. A poller that dies leaves its
+   instead of waiting for them. The claim is a conditional UPDATE that still requires the row
+   to be due, which on SQLite (one writer at a time) keeps two pollers from claiming one
+   device too. A poller that dies leaves its
    devices claimed until the lease expires; then they are due again.
 2. Load, in the claim's transaction: the device with its state, its registrar row (AK, EK,
    mTLS certificate) and the latest version of each of its policies.
