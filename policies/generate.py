@@ -48,8 +48,9 @@ FILE_DIGEST_ALGORITHMS = ("sha1", "sha256", "sha384", "sha512")
 # models. data/ (recorded tubs) and logs/ change while the car drives and are not listed.
 DONKEYCAR_SKIPPED_DIRECTORIES = frozenset({"data", "logs", "__pycache__", ".git"})
 DONKEYCAR_CONFIG_SUFFIXES = frozenset({".py", ".json", ".yaml", ".yml", ".toml", ".ini", ".cfg"})
+# .json covers the linear pilot's weights (models/pilot.json) of `edgetrust car init`.
 DONKEYCAR_MODEL_SUFFIXES = frozenset(
-    {".h5", ".keras", ".tflite", ".onnx", ".pt", ".pth", ".ckpt", ".trt", ".engine", ".pb"}
+    {".h5", ".keras", ".tflite", ".onnx", ".pt", ".pth", ".ckpt", ".trt", ".engine", ".pb", ".json"}
 )
 
 
@@ -140,7 +141,8 @@ def policy_from_donkeycar(
     The car directory (made by ``donkey createcar``) gives its Python files and configuration:
     ``manage.py``, ``config.py``, ``myconfig.py``, ``train.py``, JSON and YAML files. It also
     gives the model files under ``models/`` that the drive loop loads: ``.h5``, ``.tflite``,
-    ``.onnx``, ``.pth`` and the like, and every file inside a ``*.savedmodel`` directory.
+    ``.onnx``, ``.pth`` and the like, the JSON weights of the ``edgetrust car`` pilot, and every
+    file inside a ``*.savedmodel`` directory.
     ``data/`` and ``logs/`` are left out because the car writes them while it drives.
 
     From the package: every file that its installation record lists, found through
