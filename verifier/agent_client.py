@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Keylime's registrar stores this instead of a certificate for an agent without mTLS.
 MTLS_DISABLED: Final = "disabled"
 DEFAULT_MAX_SESSIONS: Final = 4096
+# Largest quote response read. An IMA list read from entry 0 after a long uptime can reach tens
+# of megabytes; anything bigger is refused rather than buffered.
+MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +145,8 @@ class AgentClient:
 
         session = self._session(contact)
         try:
-            response = session.get(url, params=params, timeout=self._timeout)
+            response = session.get(url, params=params, timeout=self._timeout, stream=True)
+            body = _read_limited(response, contact)
         except requests.exceptions.SSLError as error:
             raise AgentUnreachable(
                 f"TLS handshake with the agent at {contact.ip}:{contact.port} failed: {error}; "
@@ -157,7 +161,7 @@ class AgentClient:
             raise AgentUnreachable(
                 f"cannot reach the agent at {contact.ip}:{contact.port}: {type(error).__name__}"
             ) from None
-        return parse_quote_response(response.status_code, response.content)
+        return parse_quote_response(response.status_code, body)
 
     def _session(self, contact: AgentContact) -> requests.Session:
         key = (contact.device_id, _session_key(contact))
@@ -203,6 +207,22 @@ class AgentClient:
             ) from None
         session.mount("https://", _PinnedCertificateAdapter(context))
         return session
+
+
+def _read_limited(response: requests.Response, contact: AgentContact) -> bytes:
+    """Read the body of ``response`` up to MAX_RESPONSE_BYTES; raise AgentResponseInvalid beyond."""
+    chunks = []
+    size = 0
+    with response:
+        for chunk in response.iter_content(chunk_size=256 * 1024):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise AgentResponseInvalid(
+                    f"the agent at {contact.ip}:{contact.port} sent more than {MAX_RESPONSE_BYTES} "
+                    "bytes; response rejected"
+                )
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _session_key(contact: AgentContact) -> str:

@@ -257,3 +257,14 @@ def test_response_parser_reads_all_fields() -> None:
     assert evidence.ima_start_index == 7
     assert evidence.mb_measurement_list == b"\x00\x01\x02"
     assert evidence.boottime == 1700000000
+
+
+def test_client_rejects_oversized_response(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = SimulatedDevice("big", files=make_files(20))
+    client = AgentClient(mtls=False, identity=None, timeout=5.0)
+    monkeypatch.setattr("verifier.agent_client.MAX_RESPONSE_BYTES", 1000)
+
+    with Fleet([big]), pytest.raises(AgentResponseInvalid, match="more than 1000 bytes") as raised:
+        request(client, contact(big, None))
+
+    assert raised.value.code == "agent-response-invalid"
