@@ -417,7 +417,17 @@ def run_fleet(admin_url: str, directory: Path, count: int, arguments: argparse.N
             engine, sessions = prepare_database(url, files)
             start = datetime.now(UTC) + timedelta(seconds=5)
             seed_fleet(sessions, manifest, arguments.interval, start)
-            return measure_poller(url, sessions, manifest, count, start, arguments, sim.pid, engine)
+            return measure_poller(
+                url,
+                sessions,
+                manifest,
+                count,
+                start,
+                arguments,
+                sim.pid,
+                engine,
+                directory / f"poller-{count}",
+            )
     finally:
         sim.send_signal(signal.SIGTERM)
         sim.wait(timeout=60)
@@ -432,12 +442,13 @@ def measure_poller(
     arguments: argparse.Namespace,
     sim_pid: int,
     engine: Engine,
+    data_dir: Path,
 ) -> dict[str, Any]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("EDGETRUST_")}
     env.update(
         {
             "EDGETRUST_DATABASE_URL": url,
-            "EDGETRUST_DATA_DIR": tempfile.mkdtemp(prefix="edgetrust-bench-"),
+            "EDGETRUST_DATA_DIR": str(data_dir),
             "EDGETRUST_LOG_LEVEL": "WARNING",
             "EDGETRUST_VERIFIER_POLLER_THREADS": str(arguments.threads),
             "EDGETRUST_VERIFIER_AGENT_MTLS": "true" if arguments.tls else "false",
@@ -536,12 +547,18 @@ def main() -> None:
         f"{milliseconds(bench_engine(files, arguments.single_runs))}",
         flush=True,
     )
-    directory = Path(tempfile.mkdtemp(prefix="edgetrust-bench-"))
-    with postgres_server(arguments.postgres_url) as admin_url:
+    with (
+        tempfile.TemporaryDirectory(prefix="edgetrust-bench-") as temporary,
+        postgres_server(arguments.postgres_url) as admin_url,
+    ):
+        directory = Path(temporary)
         for kind in ("sqlite", "postgresql"):
             times, cpu_times = bench_pipeline(kind, admin_url, directory, files, arguments.single_runs)
-            print(f"claim + load + verify + store on {kind}: {milliseconds(times)}; CPU of this "
-                  f"process: {milliseconds(cpu_times)}", flush=True)
+            print(
+                f"claim + load + verify + store on {kind}: {milliseconds(times)}; CPU of this "
+                f"process: {milliseconds(cpu_times)}",
+                flush=True,
+            )
 
         results = [run_fleet(admin_url, directory, count, arguments) for count in sizes]
     for result in results:
