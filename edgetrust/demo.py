@@ -1,58 +1,69 @@
 """The end-to-end demonstration behind ``edgetrust demo``.
 
-It runs the real programs as a fleet would: ``edgetrust serve`` on an embedded SQLite database,
-an emulated device (swtpm provisioned with EK certificates by a local CA) and ``edgetrust
-agent`` enrolling it over HTTP on 127.0.0.1. Every process and file it makes lives under one
-temporary directory that is removed at the end, whatever happened.
+It runs the real programs as a fleet would, all on 127.0.0.1: ``edgetrust serve`` on an
+embedded SQLite database, a local OCI registry with a signed car image, an emulated device
+(swtpm provisioned with EK certificates by a local CA) whose ``edgetrust agent`` enrolls and
+whose IMA simulator measures a DonkeyCar car and the installed donkeycar package, and the car
+driving under ``edgetrust guard``. It then changes the car's model file and shows the verdict,
+the guard, the rollout gate and the admission webhook react.
+
+``edgetrust.demo_car`` has the steps from the agent service on; ``edgetrust.demo_support`` the
+state and helpers they share. Every process and file the demo makes lives under one temporary
+directory. Processes are stopped and the directory is removed at the end, also after a failed
+step, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from device.emulator import EmulatorError, LocalCa, SwtpmProcess, provision_tpm_state
+from edgetrust import demo_car
+from edgetrust.demo_registry import RegistryError
+from edgetrust.demo_support import (
+    POLL_INTERVAL_SECONDS,
+    VERDICT_LIFETIME_INTERVALS,
+    DemoContext,
+    DemoFailed,
+    api_get,
+    environment,
+    free_port,
+    read_log,
+    run_checked,
+    say,
+    spawn,
+    wait_for,
+)
 
 SERVER_START_TIMEOUT_SECONDS = 60.0
 AGENT_TIMEOUT_SECONDS = 120.0
+STOP_TIMEOUT_SECONDS = 15.0
 KEYLIME_API = "v2.5"
+EXIT_INTERRUPTED = 130
 
 
-class DemoFailed(Exception):
-    """A step did not behave as described; the message gives what was expected and seen."""
-
-
-@dataclass
-class DemoContext:
-    workdir: Path
-    out: TextIO
-    server_url: str = ""
-    # Admin API token that the demo creates with `edgetrust token create`.
-    api_token: str = ""
-    device_id: str = "demo-car-1"
-    swtpm: SwtpmProcess | None = None
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    ca_bundle: Path | None = None
-
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir / "server-data"
-
-    def log_path(self, name: str) -> Path:
-        return self.workdir / f"{name}.log"
+class DemoInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived while a step ran."""
 
 
 @dataclass(frozen=True)
@@ -62,34 +73,41 @@ class Step:
 
 
 def run_demo(out: TextIO = sys.stdout, keep: bool = False) -> int:
-    """Run every step in order; return 0 only if each behaved as described."""
-    steps = [
-        Step("Provision an emulated TPM with EK certificates from a local CA", provision_device),
-        Step("Start the server on an embedded SQLite database", start_server),
-        Step("Start the device's TPM (swtpm on 127.0.0.1)", start_tpm),
-        Step("Enroll the device: EK certificate, AK, credential activation", enroll_device),
-        Step("Show the device as the registrar recorded it", show_registration),
-        Step("Reject an identity takeover: same uuid, new AK", reject_takeover),
-    ]
-    workdir = Path(tempfile.mkdtemp(prefix="edgetrust-demo-"))
+    """Run every step in order; return 0 only if each behaved as described, 1 after a failed
+    step and 130 after SIGINT or SIGTERM."""
+    workdir = Path(tempfile.mkdtemp(prefix="edgetrust-demo-")).resolve()
     context = DemoContext(workdir=workdir, out=out)
+    previous_handlers = _install_stop_handlers()
+    started = time.monotonic()
     status = 0
     try:
-        for number, step in enumerate(steps, start=1):
-            print(f"[{number}/{len(steps)}] {step.title}", file=out, flush=True)
-            try:
-                with progress(out):
-                    step.run(context)
-            except (DemoFailed, EmulatorError, requests.RequestException, OSError) as exc:
-                print(f"      FAILED: {exc}", file=out, flush=True)
-                _print_logs(context)
-                status = 1
-                break
-        else:
-            print("Demo finished: every step behaved as described.", file=out, flush=True)
+        status = _run_steps(context)
+        if status == 0:
+            print(f"Demo finished in {time.monotonic() - started:.0f} s: every step behaved as "
+                  "described.", file=out, flush=True)
+    except (DemoInterrupted, KeyboardInterrupt) as exc:
+        name = exc.args[0] if isinstance(exc, DemoInterrupted) else "SIGINT"
+        print(f"Interrupted by {name}; stopping everything the demo started.", file=out, flush=True)
+        status = EXIT_INTERRUPTED
     finally:
+        # A second Ctrl-C must not cut the cleanup short and leave processes behind.
+        _ignore_stop_signals(previous_handlers)
         cleanup(context, keep=keep)
+        _restore_handlers(previous_handlers)
     return status
+
+
+def _run_steps(context: DemoContext) -> int:
+    for number, step in enumerate(STEPS, start=1):
+        print(f"[{number}/{len(STEPS)}] {step.title}", file=context.out, flush=True)
+        try:
+            with progress(context.out):
+                step.run(context)
+        except (DemoFailed, EmulatorError, RegistryError, requests.RequestException, OSError) as exc:
+            print(f"      FAILED: {exc}", file=context.out, flush=True)
+            _print_logs(context)
+            return 1
+    return 0
 
 
 @contextmanager
@@ -113,8 +131,7 @@ def progress(out: TextIO, after_seconds: float = 1.0) -> Iterator[None]:
         reporter.join()
 
 
-def say(context: DemoContext, message: str) -> None:
-    print(f"      {message}", file=context.out, flush=True)
+# --- steps: the server and enrollment ------------------------------------------------------------
 
 
 def provision_device(context: DemoContext) -> None:
@@ -126,20 +143,38 @@ def provision_device(context: DemoContext) -> None:
 
 
 def start_server(context: DemoContext) -> None:
-    port = _free_port()
+    assert context.registry is not None
+    port = free_port()
     context.server_url = f"http://127.0.0.1:{port}"
-    environment = _environment(context, {
+    client_certificate, client_key = _write_verifier_tls(context.tls_dir)
+    context.server_environment = environment({
         "EDGETRUST_DATA_DIR": str(context.data_dir),
         "EDGETRUST_LISTEN_HOST": "127.0.0.1",
         "EDGETRUST_LISTEN_PORT": str(port),
+        "EDGETRUST_VERIFIER_POLL_INTERVAL": str(POLL_INTERVAL_SECONDS),
+        "EDGETRUST_VERIFIER_VERDICT_LIFETIME_INTERVALS": str(VERDICT_LIFETIME_INTERVALS),
+        "EDGETRUST_VERIFIER_TLS_CERT": str(client_certificate),
+        "EDGETRUST_VERIFIER_TLS_KEY": str(client_key),
+        "EDGETRUST_REGISTRY_PLAIN_HTTP": context.registry.host,
+        # The server notices a verdict stream whose client left only when it next writes to
+        # it, and stopping waits for open streams, so the demo's server writes one often.
+        "EDGETRUST_TRUST_STREAM_HEARTBEAT": "2",
     })
-    server = _spawn(context, "server", ["serve"], environment)
-    _wait_for(lambda: _healthy(context.server_url, server), SERVER_START_TIMEOUT_SECONDS,
-              f"the server did not answer on {context.server_url}/healthz")
+    server = spawn(context, "server", ["serve"], context.server_environment)
+    wait_for(lambda: _healthy(context.server_url, server), SERVER_START_TIMEOUT_SECONDS,
+             f"the server did not answer on {context.server_url}/healthz")
     say(context, f"server listening on {context.server_url}, database "
                  f"{context.data_dir / 'edgetrust.db'}")
-    context.api_token = _create_admin_token(environment)
-    say(context, "created the admin API token 'demo' with `edgetrust token create`")
+    say(context, f"the verifier attests every {POLL_INTERVAL_SECONDS:g} s; a passing attestation "
+                 f"keeps a device trusted for {POLL_INTERVAL_SECONDS * VERDICT_LIFETIME_INTERVALS:g} s")
+    say(context, f"it reaches agents over mutual TLS with the client certificate {client_certificate}")
+    say(context, f"it reads images from the registry {context.registry.host} over plain HTTP")
+
+    context.api_token = _create_token(context, "demo", "admin")
+    context.read_token = _create_token(context, "car-guard", "read")
+    _write_private_file(context.read_token_file, context.read_token + "\n")
+    say(context, "created the admin API token 'demo' and the read token 'car-guard' (in "
+                 f"{context.read_token_file.name}) with `edgetrust token create`")
 
 
 def start_tpm(context: DemoContext) -> None:
@@ -148,18 +183,18 @@ def start_tpm(context: DemoContext) -> None:
 
 
 def enroll_device(context: DemoContext) -> None:
-    result = _run_agent(context, context.workdir / "agent-state", "agent")
+    result = _run_agent_once(context, context.workdir / "agent-state", "enroll")
     if result != 0:
         raise DemoFailed(f"edgetrust agent --once exited with status {result}; expected 0")
     say(context, f"device {context.device_id} registered and activated its credential")
 
 
 def show_registration(context: DemoContext) -> None:
-    listing = _get(context, f"/{KEYLIME_API}/agents/")
+    listing = api_get(context, f"/{KEYLIME_API}/agents/")
     uuids = listing["results"].get("uuids", [])
     if context.device_id not in uuids:
         raise DemoFailed(f"registrar lists {uuids}; expected {context.device_id} among them")
-    device = _get(context, f"/{KEYLIME_API}/agents/{context.device_id}")["results"]
+    device = api_get(context, f"/{KEYLIME_API}/agents/{context.device_id}")["results"]
     say(context, f"registrar lists {uuids}")
     say(context, f"regcount {device.get('regcount')}, contact {device.get('ip')}:"
                  f"{device.get('port')}, EK certificate {'present' if device.get('ekcert') else 'absent'}")
@@ -167,92 +202,27 @@ def show_registration(context: DemoContext) -> None:
 
 def reject_takeover(context: DemoContext) -> None:
     # A second agent state directory makes a new AK under the same EK for the same uuid.
-    result = _run_agent(context, context.workdir / "intruder-state", "intruder")
+    result = _run_agent_once(context, context.workdir / "intruder-state", "intruder")
     if result == 0:
         raise DemoFailed("a registration with a new AK for a known uuid was accepted")
-    log_text = context.log_path("intruder").read_text(errors="replace")
-    if "identity-mismatch" not in log_text:
+    if "identity-mismatch" not in read_log(context, "intruder"):
         raise DemoFailed("the agent was rejected, but not with identity-mismatch; see "
                          f"{context.log_path('intruder')}")
     say(context, "registrar rejected the new AK with 403 identity-mismatch, as it must")
 
 
-def cleanup(context: DemoContext, *, keep: bool) -> None:
-    for process in reversed(context.processes):
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-    if context.swtpm is not None:
-        context.swtpm.stop()
-    if keep:
-        print(f"Kept {context.workdir}", file=context.out)
-    else:
-        shutil.rmtree(context.workdir, ignore_errors=True)
-
-
-def _run_agent(context: DemoContext, state_dir: Path, log_name: str) -> int:
-    assert context.swtpm is not None
-    environment = _environment(context, {
-        "EDGETRUST_DATA_DIR": str(context.workdir / "device-data"),
-        "EDGETRUST_AGENT_UUID": context.device_id,
-        "EDGETRUST_AGENT_TCTI": context.swtpm.tcti,
-        "EDGETRUST_AGENT_STATE_DIR": str(state_dir),
-        "EDGETRUST_AGENT_REGISTRAR_URL": context.server_url,
-        "EDGETRUST_AGENT_EK_TYPE": "rsa",
-        "EDGETRUST_AGENT_AK_TYPE": "ecc",
-    })
-    process = _spawn(context, log_name, ["agent", "--once"], environment)
+def _run_agent_once(context: DemoContext, state_dir: Path, log_name: str) -> int:
+    process = spawn(context, log_name, ["agent", "--once"], demo_car.agent_environment(context, state_dir))
     try:
         return process.wait(AGENT_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired as exc:
         raise DemoFailed(f"edgetrust agent did not finish in {AGENT_TIMEOUT_SECONDS:.0f} s") from exc
 
 
-def _environment(context: DemoContext, values: dict[str, str]) -> dict[str, str]:
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith("EDGETRUST_")}
-    environment.update(values)
-    environment.setdefault("TSS2_LOG", "all+none")
-    return environment
-
-
-def _spawn(context: DemoContext, name: str, arguments: list[str],
-           environment: dict[str, str]) -> subprocess.Popen[bytes]:
-    log_file = context.log_path(name).open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edgetrust", *arguments],
-        stdout=log_file, stderr=subprocess.STDOUT, env=environment, cwd=context.workdir,
-    )
-    log_file.close()
-    context.processes.append(process)
-    return process
-
-
-def _create_admin_token(environment: dict[str, str]) -> str:
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "edgetrust", "token", "create", "--name", "demo", "--scope", "admin"],
-            env=environment, capture_output=True, text=True, timeout=60, check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise DemoFailed("edgetrust token create did not finish in 60 s") from exc
-    if result.returncode != 0:
-        raise DemoFailed(f"edgetrust token create exited with status {result.returncode}: "
-                         f"{result.stderr.strip()[-200:]}")
+def _create_token(context: DemoContext, name: str, scope: str) -> str:
+    result = run_checked(["token", "create", "--name", name, "--scope", scope],
+                         context.server_environment)
     return result.stdout.strip()
-
-
-def _get(context: DemoContext, path: str) -> dict[str, Any]:
-    response = requests.get(context.server_url + path, timeout=10,
-                            headers={"Authorization": f"Bearer {context.api_token}"})
-    if response.status_code != 200:
-        raise DemoFailed(f"GET {path} returned {response.status_code}: {response.text[:200]}")
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def _healthy(url: str, server: subprocess.Popen[bytes]) -> bool:
@@ -264,24 +234,150 @@ def _healthy(url: str, server: subprocess.Popen[bytes]) -> bool:
         return False
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise DemoFailed(f"{message} within {timeout:.0f} s")
+def _write_verifier_tls(directory: Path) -> tuple[Path, Path]:
+    """Make a CA and a verifier client certificate it issued (ECDSA P-256, valid one day).
+
+    The agent requires a client certificate from this CA (agent_client_ca), and the verifier
+    presents the certificate (verifier_tls_cert, verifier_tls_key). Returns the certificate
+    and key files; the CA is ``ca.pem`` beside them.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgetrust demo verifier CA")])
+    ca_certificate = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgetrust demo verifier")]))
+        .issuer_name(ca_name).public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "ca.pem").write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
+    certificate_file = directory / "verifier.pem"
+    key_file = directory / "verifier-key.pem"
+    certificate_file.write_bytes(client_certificate.public_bytes(serialization.Encoding.PEM))
+    _write_private_file(key_file, client_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode("ascii"))
+    return certificate_file, key_file
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _write_private_file(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
+
+
+# --- stopping ------------------------------------------------------------------------------------
+
+
+def cleanup(context: DemoContext, *, keep: bool) -> None:
+    """Stop every process the demo started, newest first, then remove its directory."""
+    for process in reversed(context.processes):
+        _stop_process_group(process)
+    for pid in context.car_pids:
+        # The guard stops the car it started; this catches a car left by a guard that was killed.
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    if context.swtpm is not None:
+        context.swtpm.stop()
+    if context.registry is not None:
+        context.registry.stop()
+    if keep:
+        print(f"Kept {context.workdir}", file=context.out)
+    else:
+        shutil.rmtree(context.workdir, ignore_errors=True)
+
+
+def _stop_process_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group that ``spawn`` made for ``process``; SIGKILL it if the
+    leader is still running after STOP_TIMEOUT_SECONDS."""
+    if process.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+    # Children of the leader (gunicorn's worker) may outlive it; none of them may stay.
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.wait(STOP_TIMEOUT_SECONDS)
+
+
+Handlers = dict[int, Any]
+
+
+def _install_stop_handlers() -> Handlers:
+    """Turn SIGTERM into DemoInterrupted so that cleanup runs; SIGINT already raises
+    KeyboardInterrupt. Signal handlers exist only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def interrupt(signal_number: int, _frame: FrameType | None) -> None:
+        raise DemoInterrupted(signal.Signals(signal_number).name)
+
+    previous: Handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, interrupt)
+    return previous
+
+
+def _ignore_stop_signals(previous: Handlers) -> None:
+    for number in previous:
+        signal.signal(number, signal.SIG_IGN)
+
+
+def _restore_handlers(previous: Handlers) -> None:
+    for number, handler in previous.items():
+        signal.signal(number, handler)
 
 
 def _print_logs(context: DemoContext) -> None:
-    for path in sorted(context.workdir.glob("*.log")):
+    paths = sorted(context.workdir.glob("*.log"))
+    if context.registry is not None:
+        paths.append(context.registry.log_path)
+    for path in paths:
+        if not path.is_file():
+            continue
         lines = path.read_text(errors="replace").splitlines()[-15:]
         print(f"      --- last lines of {path.name}:", file=context.out)
         for line in lines:
             print(f"      {line}", file=context.out)
+
+
+# --- the steps in order ----------------------------------------------------------------------------
+
+STEPS = (
+    Step("Provision an emulated TPM with EK certificates from a local CA", provision_device),
+    Step("Create the car with `edgetrust car init`", demo_car.create_car),
+    Step("Start a local OCI registry and push a signed car image", demo_car.start_registry),
+    Step("Start the server on an embedded SQLite database", start_server),
+    Step("Start the device's TPM (swtpm on 127.0.0.1)", start_tpm),
+    Step("Enroll the device: EK certificate, AK, credential activation", enroll_device),
+    Step("Show the device as the registrar recorded it", show_registration),
+    Step("Reject an identity takeover: same uuid, new AK", reject_takeover),
+    Step("Start the device agent: IMA simulator over the car and donkeycar, agent API over mTLS",
+         demo_car.start_agent),
+    Step("Create the runtime policy from the car and upload the policies", demo_car.upload_policies),
+    Step("Add the device to the verifier and wait for a trusted verdict", demo_car.add_to_verifier),
+    Step("Start the car under the guard", demo_car.start_car),
+    Step("Ask the rollout gate and the admission webhook about the signed image",
+         demo_car.check_allowed),
+    Step("Change the car's model file: the verdict turns untrusted", demo_car.change_model),
+    Step("The guard stops the car; the rollout gate and the admission webhook deny",
+         demo_car.check_denied),
+)
