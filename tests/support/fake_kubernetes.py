@@ -1,6 +1,6 @@
 """A small fake of the Kubernetes API server's node routes, served on 127.0.0.1.
 
-It answers what the node controller uses, as the ``kubernetes`` client sends it:
+It serves the requests the node controller makes, as the ``kubernetes`` client sends them:
 
 - ``GET /api/v1/nodes`` (a NodeList) and ``GET /api/v1/nodes/{name}``;
 - ``PATCH /api/v1/nodes/{name}`` with a JSON patch (``application/json-patch+json``, RFC 6902:

@@ -1,7 +1,7 @@
 """Trust API: batch verdicts by device id and by node, signed verdicts and the JWKS.
 
-The helpers here write verdicts the way the poller stores them (the device row and, when the
-status or reason codes change, a verdict-change row); the stream tests import them.
+The helpers here write verdicts the way the poller stores them: the device row and, when the
+status or reason codes change, a verdict-change row. The stream tests import them.
 """
 
 from __future__ import annotations
