@@ -16,6 +16,7 @@ step, Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import os
 import shutil
 import signal
@@ -37,9 +38,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from device.emulator import EmulatorError, LocalCa, SwtpmProcess, provision_tpm_state
+from device.emulator import EmulatorError, LocalCa, SwtpmProcess, missing_tools, provision_tpm_state
 from edgetrust import demo_car
-from edgetrust.demo_registry import RegistryError
+from edgetrust.demo_registry import REGISTRY_BINARY, RegistryError, registry_available
 from edgetrust.demo_support import (
     POLL_INTERVAL_SECONDS,
     VERDICT_LIFETIME_INTERVALS,
@@ -75,6 +76,11 @@ class Step:
 def run_demo(out: TextIO = sys.stdout, keep: bool = False) -> int:
     """Run every step in order; return 0 only if each behaved as described, 1 after a failed
     step and 130 after SIGINT or SIGTERM."""
+    missing = missing_requirements()
+    if missing:
+        print(f"edgetrust demo cannot run: missing {'; '.join(missing)}. `bash scripts/setup.sh` "
+              "installs them.", file=out, flush=True)
+        return 1
     workdir = Path(tempfile.mkdtemp(prefix="edgetrust-demo-")).resolve()
     context = DemoContext(workdir=workdir, out=out)
     previous_handlers = _install_stop_handlers()
@@ -97,14 +103,31 @@ def run_demo(out: TextIO = sys.stdout, keep: bool = False) -> int:
     return status
 
 
+def missing_requirements() -> list[str]:
+    """Return what the demo needs and this machine lacks, each with where it comes from."""
+    missing = [f"{tool} (Debian package swtpm-tools or swtpm)" for tool in missing_tools()]
+    if not registry_available():
+        missing.append(f"{REGISTRY_BINARY} (Debian package docker-registry)")
+    for module, package in (("tpm2_pytss", "tpm2-pytss"), ("donkeycar", "donkeycar")):
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"the Python package {package} (pip install -e '.[device,demo]')")
+    return missing
+
+
 def _run_steps(context: DemoContext) -> int:
     for number, step in enumerate(STEPS, start=1):
         print(f"[{number}/{len(STEPS)}] {step.title}", file=context.out, flush=True)
         try:
             with progress(context.out):
                 step.run(context)
-        except (DemoFailed, EmulatorError, RegistryError, requests.RequestException, OSError) as exc:
+        except DemoFailed as exc:
             print(f"      FAILED: {exc}", file=context.out, flush=True)
+            _print_logs(context)
+            return 1
+        # KeyError and ValueError: a response whose JSON lacks a field or is not JSON.
+        except (EmulatorError, RegistryError, requests.RequestException, OSError, KeyError,
+                ValueError) as exc:
+            print(f"      FAILED: {exc.__class__.__name__}: {exc}", file=context.out, flush=True)
             _print_logs(context)
             return 1
     return 0

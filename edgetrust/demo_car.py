@@ -307,8 +307,6 @@ def change_model(context: DemoContext) -> None:
         raise DemoFailed(f"no finding names {context.model_path}; the latest findings are {codes}")
     finding = named[0]
     say(context, f"finding {finding['code']} ({finding['severity']}): {finding['message']}")
-    say(context, f"  path {finding['context']['path']}, IMA entry {finding['context']['index']}, "
-                 f"digest {finding['context']['digest']}")
 
 
 def check_denied(context: DemoContext) -> None:
