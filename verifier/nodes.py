@@ -13,11 +13,10 @@ treats them as not trusted.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 from sqlalchemy import JSON, DateTime, ForeignKey, String, delete, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
@@ -27,7 +26,6 @@ from registrar.models import DEVICE_ID_MAX_LENGTH, RegisteredDevice
 from verifier.models import VerifierDevice
 from verifier.verdicts import (
     NOT_ATTESTED,
-    Reason,
     Verdict,
     VerdictStatus,
     effective_verdict,
@@ -193,37 +191,17 @@ def node_trust(session: Session, node_name: str, at: datetime) -> DeviceTrust | 
 
 def stored_verdict(device: VerifierDevice, at: datetime) -> Verdict:
     """Return the effective verdict at ``at`` of the verdict stored in ``device``'s row."""
-    if device.verdict_id is None or device.verdict_issued_at is None:
+    # Imported here so that loading this table's module does not load the verifier's views.
+    from verifier.api import stored_verdict as issued_verdict
+
+    try:
+        verdict = issued_verdict(device)
+    except ValueError as error:
+        return unknown_verdict(device.device_id, VERDICT_INVALID,
+                               f"the stored verdict {device.verdict_id} is inconsistent: {error}",
+                               issued_at=at)
+    if verdict is None:
         return unknown_verdict(device.device_id, NOT_ATTESTED,
                                f"device {device.device_id!r} has not been attested since it was "
                                "added", issued_at=at)
-
-    status = VerdictStatus(device.verdict_status)
-    expires_at = _as_utc(device.verdict_expires_at)
-    if status is VerdictStatus.TRUSTED and expires_at is None:
-        return unknown_verdict(device.device_id, VERDICT_INVALID,
-                               f"the stored trusted verdict {device.verdict_id} has no expiry",
-                               issued_at=at)
-
-    verdict = Verdict(
-        verdict_id=uuid.UUID(device.verdict_id),
-        device_id=device.device_id,
-        status=status,
-        reasons=tuple(_reasons(device.verdict_reasons)),
-        issued_at=_as_utc(device.verdict_issued_at) or at,
-        attested_at=_as_utc(device.verdict_attested_at),
-        expires_at=expires_at if status is VerdictStatus.TRUSTED else None,
-    )
     return effective_verdict(verdict, at)
-
-
-def _reasons(stored: list[dict[str, Any]]) -> Iterable[Reason]:
-    for reason in stored or []:
-        yield Reason(str(reason.get("code", "")), str(reason.get("message", "")))
-
-
-def _as_utc(value: datetime | None) -> datetime | None:
-    # SQLite returns stored times without a time zone; they were stored in UTC.
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

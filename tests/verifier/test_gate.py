@@ -155,6 +155,24 @@ def test_expired_verdict_not_trusted(cluster: Cluster) -> None:
     assert decision["devices"][0]["reasons"][0]["code"] == "verdict-expired"
 
 
+def test_inconsistent_stored_verdict_unknown(cluster: Cluster) -> None:
+    from sqlalchemy import update
+
+    from edgetrust.db import transaction
+    from verifier.models import VerifierDevice
+
+    image = cluster.signed_image()
+    cluster.add_device("car-1", "trusted")
+    with transaction(cluster.sessions) as session:
+        session.execute(update(VerifierDevice).values(verdict_expires_at=None))
+
+    decision = gate(cluster, image.pinned, {"device_ids": ["car-1"]})
+
+    assert decision["allowed"] is False
+    assert decision["devices"][0]["status"] == "unknown"
+    assert decision["devices"][0]["reasons"][0]["code"] == "verdict-invalid"
+
+
 def test_unsigned_image_denied(cluster: Cluster) -> None:
     image = cluster.registry.push_image(CAR)
     cluster.add_device("car-1", "trusted")
