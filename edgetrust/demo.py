@@ -1,11 +1,11 @@
 """The end-to-end demonstration behind ``edgetrust demo``.
 
-It runs the real programs as a fleet would, all on 127.0.0.1: ``edgetrust serve`` on an
-embedded SQLite database, a local OCI registry with a signed car image, an emulated device
-(swtpm provisioned with EK certificates by a local CA) whose ``edgetrust agent`` enrolls and
-whose IMA simulator measures a DonkeyCar car and the installed donkeycar package, and the car
-driving under ``edgetrust guard``. It then changes the car's model file and shows the verdict,
-the guard, the rollout gate and the admission webhook react.
+It runs the real programs as a fleet would, all on 127.0.0.1. ``edgetrust serve`` runs on an
+embedded SQLite database, and a local OCI registry serves a signed car image. The emulated
+device is swtpm, provisioned with EK certificates by a local CA. Its ``edgetrust agent``
+enrolls, and its IMA simulator measures a DonkeyCar car and the installed donkeycar package.
+The car drives under ``edgetrust guard``. The demo then changes the car's model file and shows
+how the verdict, the guard, the rollout gate and the admission webhook react.
 
 ``edgetrust.demo_car`` has the steps from the agent service on; ``edgetrust.demo_support`` the
 state and helpers they share. Every process and file the demo makes lives under one temporary
@@ -74,7 +74,7 @@ class Step:
 
 
 def run_demo(out: TextIO = sys.stdout, keep: bool = False) -> int:
-    """Run every step in order; return 0 only if each behaved as described, 1 after a failed
+    """Run every step in order. Return 0 only if each behaved as described, 1 after a failed
     step and 130 after SIGINT or SIGTERM."""
     missing = missing_requirements()
     if missing:
@@ -312,7 +312,7 @@ def cleanup(context: DemoContext, *, keep: bool) -> None:
     for process in reversed(context.processes):
         _stop_process_group(process)
     for pid in context.car_pids:
-        # The guard stops the car it started; this catches a car left by a guard that was killed.
+        # The guard stops the car it started. This stops a car whose guard was killed.
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
     if context.swtpm is not None:
@@ -326,8 +326,8 @@ def cleanup(context: DemoContext, *, keep: bool) -> None:
 
 
 def _stop_process_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group that ``spawn`` made for ``process``; SIGKILL it if the
-    leader is still running after STOP_TIMEOUT_SECONDS."""
+    """Send SIGTERM to the process group that ``spawn`` made for ``process``, and SIGKILL
+    after STOP_TIMEOUT_SECONDS if the leader still runs."""
     if process.poll() is None:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -335,7 +335,8 @@ def _stop_process_group(process: subprocess.Popen[bytes]) -> None:
             process.wait(STOP_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             pass
-    # Children of the leader (gunicorn's worker) may outlive it; none of them may stay.
+    # Children of the leader, such as gunicorn's worker, may outlive it, so the group gets
+    # SIGKILL even after the leader exited.
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     if process.poll() is None:
@@ -346,8 +347,8 @@ Handlers = dict[int, Any]
 
 
 def _install_stop_handlers() -> Handlers:
-    """Turn SIGTERM into DemoInterrupted so that cleanup runs; SIGINT already raises
-    KeyboardInterrupt. Signal handlers exist only in the main thread."""
+    """Turn SIGTERM into DemoInterrupted so that cleanup runs, as SIGINT's KeyboardInterrupt
+    does. Only the main thread can install signal handlers, so other threads get none."""
     if threading.current_thread() is not threading.main_thread():
         return {}
 

@@ -1,6 +1,8 @@
-"""The steps of ``edgetrust demo`` around the DonkeyCar workload: the car directory, the signed
-car image, the agent with its IMA simulator, the policies, continuous attestation, the car
-under the guard, the rollout gate and the admission webhook, and what a changed model file
+"""The steps of ``edgetrust demo`` around the DonkeyCar workload.
+
+They make the car directory and the signed car image, start the agent with its IMA simulator,
+upload the policies and add the device to the verifier. Then they drive the car under the
+guard, consult the rollout gate and the admission webhook, and show what a changed model file
 does to each of them.
 
 Each step prints what it did and raises DemoFailed when something did not behave as
@@ -112,7 +114,7 @@ def donkeycar_directory() -> Path:
     """Return the directory of the installed donkeycar package, without importing it."""
     spec = importlib.util.find_spec("donkeycar")
     if spec is None or not spec.submodule_search_locations:
-        raise DemoFailed("the donkeycar package is not installed; install the demo extra: "
+        raise DemoFailed("the donkeycar package is not installed. Install the demo extra: "
                          "pip install -e '.[device,demo]'")
     return Path(list(spec.submodule_search_locations)[0]).resolve()
 
@@ -121,9 +123,9 @@ def start_agent(context: DemoContext) -> None:
     context.agent_port = free_port()
     package = donkeycar_directory()
     measured = [str(context.car_dir / name) for name in CAR_MEASURED] + [str(package)]
-    # NOTE: a host whose kernel has IMA or firmware event log in securityfs would have the
-    # agent serve those instead of the simulated swtpm evidence. The kernel's IMA list can be
-    # pointed elsewhere (below), but no setting turns off /sys/kernel/security/tpm0's event log.
+    # NOTE: on a host with a TPM event log in securityfs, the agent serves that log beside
+    # the swtpm quotes, which do not match it. agent_ima_kernel_list moves the kernel's IMA
+    # list out of the way below, but no setting turns off the securityfs event log.
     env = agent_environment(
         context, context.workdir / "agent-state",
         agent_contact_port=str(context.agent_port),
@@ -228,19 +230,19 @@ def _map_node(context: DemoContext) -> None:
         engine.dispose()
 
 
-def wait_for_verdict(context: DemoContext, wanted: str) -> dict[str, Any]:
-    """Read the device's verdict until its status is ``wanted``; return it. Raise DemoFailed
-    on timeout, or at once when waiting for trusted and the verdict is untrusted."""
+def wait_for_verdict(context: DemoContext, expected: str) -> dict[str, Any]:
+    """Read the device's verdict until its status is ``expected``, and return it. Raise
+    DemoFailed on timeout, or at once when waiting for trusted and the verdict is untrusted."""
     deadline = time.monotonic() + VERDICT_TIMEOUT_SECONDS
     while True:
         verdict = api_get(context, f"/v1/devices/{context.device_id}/verdict", token=context.read_token)
-        if verdict["status"] == wanted:
+        if verdict["status"] == expected:
             return verdict
-        if wanted == "trusted" and verdict["status"] == "untrusted":
+        if expected == "trusted" and verdict["status"] == "untrusted":
             raise DemoFailed(f"the verdict is untrusted, expected trusted: {_reasons(verdict)}")
         if time.monotonic() > deadline:
             raise DemoFailed(f"the verdict is still {verdict['status']} ({_reasons(verdict)}) after "
-                             f"{VERDICT_TIMEOUT_SECONDS:.0f} s; expected {wanted}")
+                             f"{VERDICT_TIMEOUT_SECONDS:.0f} s, expected {expected}")
         time.sleep(0.5)
 
 
@@ -304,7 +306,8 @@ def change_model(context: DemoContext) -> None:
              if finding.get("context", {}).get("path") == str(context.model_path)]
     if not named:
         codes = sorted({finding["code"] for finding in findings})
-        raise DemoFailed(f"no finding names {context.model_path}; the latest findings are {codes}")
+        raise DemoFailed(f"no finding names {context.model_path}. The latest findings have the codes "
+                         f"{codes}")
     finding = named[0]
     say(context, f"finding {finding['code']} ({finding['severity']}): {finding['message']}")
 
@@ -338,8 +341,8 @@ def check_denied(context: DemoContext) -> None:
 
 
 def _gate(context: DemoContext) -> tuple[int, str]:
-    """Run `edgetrust gate` for the signed image on the device; print and return its status and
-    output."""
+    """Run `edgetrust gate` for the signed image on the device, print its output, and return
+    its exit status and output."""
     assert context.image is not None
     words = ["gate", "--server", context.server_url, "--image", context.image.pinned,
              "--device", context.device_id]
@@ -354,7 +357,7 @@ def _gate(context: DemoContext) -> tuple[int, str]:
 
 
 def _admission(context: DemoContext) -> dict[str, Any]:
-    """Send an AdmissionReview for a car pod on the device's node; return its response."""
+    """Send an AdmissionReview for a car pod on the device's node and return its response."""
     assert context.image is not None
     pod = {
         "apiVersion": "v1", "kind": "Pod",

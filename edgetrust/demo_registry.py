@@ -3,10 +3,10 @@
 signature of that image made with a key generated here.
 
 The signature has cosign's simple-signing format, which ``cosign sign --key`` writes to a
-registry without the OCI 1.1 referrers API: a manifest tagged ``sha256-<hex>.sig`` whose
-layer is the simple-signing payload, with the base64 ECDSA P-256 / SHA-256 signature over the
-payload bytes in the layer annotation ``dev.cosignproject.cosign/signature``.
-``verifier.cosign`` reads exactly that.
+registry without the OCI 1.1 referrers API. It is a manifest tagged ``sha256-<hex>.sig`` whose
+layer is the simple-signing payload. The layer annotation ``dev.cosignproject.cosign/signature``
+contains the base64 ECDSA P-256 / SHA-256 signature over the payload bytes, which is what
+``verifier.cosign`` verifies.
 
 The registry keeps its blobs in the directory it is given, has no authentication and speaks
 plain HTTP, so the server that checks its images needs it in ``registry_plain_http``.
@@ -61,7 +61,7 @@ http:
 
 
 class RegistryError(Exception):
-    """docker-registry is missing, did not start, or rejected a push; the message says which."""
+    """docker-registry is missing, did not start, or rejected a push. The message names which."""
 
     code = "demo-registry-failed"
 
@@ -107,7 +107,7 @@ class LocalRegistry:
         self.log_path = directory / "registry.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._http = requests.Session()
-        self._http.trust_env = False  # no proxy between us and 127.0.0.1
+        self._http.trust_env = False  # use no proxy from the environment for 127.0.0.1
 
     @property
     def pid(self) -> int | None:
@@ -116,8 +116,8 @@ class LocalRegistry:
     def start(self) -> LocalRegistry:
         """Start docker-registry and wait until ``/v2/`` returns 200."""
         if not registry_available():
-            raise RegistryError(f"{REGISTRY_BINARY} is missing; install the Debian package "
-                                "docker-registry")
+            raise RegistryError(f"{REGISTRY_BINARY} is missing. Install the Debian package "
+                                "docker-registry.")
         self.directory.mkdir(parents=True, exist_ok=True)
         config = self.directory / "config.yml"
         config.write_text(_CONFIG.format(root=self.directory / "data", port=self.port))
@@ -136,11 +136,11 @@ class LocalRegistry:
             except requests.RequestException:
                 pass
             time.sleep(0.1)
-        raise RegistryError(f"docker-registry did not answer {self.url}/v2/ within "
-                            f"{START_TIMEOUT_SECONDS:.0f} s; see {self.log_path}")
+        raise RegistryError(f"docker-registry did not respond on {self.url}/v2/ within "
+                            f"{START_TIMEOUT_SECONDS:.0f} s. Its log is {self.log_path}")
 
     def stop(self) -> None:
-        """Terminate docker-registry and wait for it; safe to call twice."""
+        """Terminate docker-registry and wait for it. Calling it again does nothing."""
         self._http.close()
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
@@ -174,8 +174,8 @@ class LocalRegistry:
         return PushedImage(f"{self.host}/{path}", digest, tag, manifest)
 
     def sign_image(self, image: PushedImage, key: ec.EllipticCurvePrivateKey) -> str:
-        """Store a cosign simple-signing signature of ``image`` made with ``key``; return the
-        signature tag."""
+        """Store a cosign simple-signing signature of ``image`` made with ``key``, and return
+        the signature tag."""
         payload = simple_signing_payload(image)
         signature = key.sign(payload, ec.ECDSA(hashes.SHA256()))
         empty_config = _canonical({"architecture": "", "os": "",
@@ -197,7 +197,7 @@ class LocalRegistry:
         return tag
 
     def push_blob(self, path: str, data: bytes) -> str:
-        """Upload ``data`` in one monolithic PUT; return its digest."""
+        """Upload ``data`` in one monolithic PUT and return its digest."""
         digest = _digest(data)
         started = self._request("POST", f"/v2/{path}/blobs/uploads/", expected=202)
         location = started.headers.get("Location", "")
@@ -209,7 +209,7 @@ class LocalRegistry:
         return digest
 
     def push_manifest(self, path: str, reference: str, body: bytes) -> str:
-        """Store a manifest under a tag or digest; return its digest."""
+        """Store a manifest under a tag or digest and return its digest."""
         self._request("PUT", f"/v2/{path}/manifests/{reference}", expected=201, data=body,
                       headers={"Content-Type": OCI_MANIFEST})
         return _digest(body)

@@ -1,9 +1,10 @@
 """What the steps of ``edgetrust demo`` share: the run's state, printing, child processes and
 calls to the server's API.
 
-Every child is ``python -m edgetrust ...`` of this interpreter, with the ``EDGETRUST_*``
-variables of the caller's environment removed, so a configuration meant for another server
-cannot leak into the demo. Its output goes to ``<workdir>/<name>.log``.
+Every ``edgetrust`` child runs as ``python -m edgetrust ...`` of this interpreter, without the
+``EDGETRUST_*`` variables of the caller's environment, so that no configuration meant for
+another server reaches the demo. The output of a long-running child goes to
+``<workdir>/<name>.log``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class DemoContext:
     workdir: Path
     out: TextIO
     device_id: str = "demo-car-1"
-    # The Kubernetes node that admission reviews name; the demo maps it to the device.
+    # Kubernetes node named in the demo's admission reviews, mapped to the device.
     node_name: str = "donkeycar-1"
     server_url: str = ""
     # Environment of `edgetrust serve`, which `edgetrust token create` also needs.
@@ -126,7 +127,7 @@ def edgetrust_command(arguments: Sequence[str]) -> list[str]:
 
 def spawn(context: DemoContext, name: str, arguments: Sequence[str],
           env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start ``edgetrust ARGUMENTS`` with its output in ``<name>.log``; cleanup stops it.
+    """Start ``edgetrust ARGUMENTS`` with its output in ``<name>.log``, for cleanup to stop.
 
     The process leads a new process group, so that cleanup can stop it with its children and
     a Ctrl-C in the terminal reaches only the demo, which then stops everything in order.
@@ -150,10 +151,10 @@ def run_command(arguments: Sequence[str], env: dict[str, str],
 
 
 def run_checked(arguments: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run ``edgetrust ARGUMENTS``; raise DemoFailed unless it exits with status 0."""
+    """Run ``edgetrust ARGUMENTS`` and raise DemoFailed unless it exits with status 0."""
     result = run_command(arguments, env)
     if result.returncode != 0:
-        raise DemoFailed(f"edgetrust {' '.join(arguments[:3])} exited with status {result.returncode}; "
+        raise DemoFailed(f"edgetrust {' '.join(arguments[:3])} exited with status {result.returncode}, "
                          f"expected 0: {(result.stderr or result.stdout).strip()[-400:]}")
     return result
 
@@ -168,7 +169,8 @@ def read_log(context: DemoContext, name: str) -> str:
 def wait_for_log(context: DemoContext, name: str, pattern: str, timeout: float,
                  process: subprocess.Popen[bytes] | None = None, *, after: int = 0) -> re.Match[str]:
     """Wait until ``<name>.log`` from offset ``after`` on matches the regular expression
-    ``pattern``; return the match. Raise DemoFailed on timeout or when ``process`` exits first."""
+    ``pattern``, and return the match. Raise DemoFailed on timeout or when ``process`` exits
+    first."""
     compiled = re.compile(pattern)
     deadline = time.monotonic() + timeout
     while True:
@@ -208,8 +210,8 @@ def api_get(context: DemoContext, path: str, token: str | None = None) -> dict[s
 
 def api_call(context: DemoContext, method: str, path: str, *, body: dict[str, Any] | None = None,
              token: str | None = None, expected: int = 200) -> dict[str, Any]:
-    """Call the server with the admin token (or ``token``); raise DemoFailed unless the
-    response has status ``expected`` and a JSON object body."""
+    """Call the server with the admin token, or ``token`` when given. Raise DemoFailed unless
+    the response has status ``expected`` and a JSON object body."""
     headers = {"Authorization": f"Bearer {token or context.api_token}"}
     response = requests.request(method, context.server_url + path, json=body, headers=headers,
                                 timeout=API_TIMEOUT_SECONDS)

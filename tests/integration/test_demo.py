@@ -30,8 +30,8 @@ def _needs_tools() -> None:
 
 
 def demo_environment(tmp_path: Path) -> dict[str, str]:
-    """The caller's environment without EDGETRUST_* settings, with TMPDIR in ``tmp_path`` so
-    that every file and process of the demo names ``tmp_path``."""
+    """Return the caller's environment without EDGETRUST_* settings and with TMPDIR set to
+    ``tmp_path``, so that every file and process of the demo names ``tmp_path``."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("EDGETRUST_")}
     environment["TMPDIR"] = str(tmp_path)
     return environment
