@@ -139,13 +139,13 @@ def start_agent(context: DemoContext) -> None:
     simulator = wait_for_log(context, "agent", r"IMA simulator measuring .* \((\d+) entries\)",
                              AGENT_START_TIMEOUT_SECONDS, agent)
     wait_for_log(context, "agent", "waiting for SIGTERM or SIGINT", AGENT_START_TIMEOUT_SECONDS, agent)
-    car_files = sum(1 for name in CAR_MEASURED for path in _files(context.car_dir / name))
+    car_files = sum(len(_files(context.car_dir / name)) for name in CAR_MEASURED)
     say(context, f"agent registered again and serves the Keylime agent API on "
                  f"https://127.0.0.1:{context.agent_port}, only to clients with a certificate from "
                  f"{context.tls_dir.name}/ca.pem")
     say(context, f"IMA simulator: {simulator.group(1)} entries extended into PCR 10: "
                  f"boot_aggregate, {car_files} files of the car ({', '.join(CAR_MEASURED)}) and "
-                 f"{sum(1 for _ in _files(package))} files of {package}")
+                 f"{len(_files(package))} files of {package}")
     say(context, f"it measures them again every {IMA_REMEASURE_SECONDS:g} s, so a changed file "
                  "adds an entry")
 
