@@ -54,11 +54,12 @@ def _installers() -> list[Installer]:
     from verifier.api import install as install_verifier
     from verifier.evidence_api import install as install_evidence_verify
     from verifier.gate_api import install as install_gate
+    from verifier.nodes_api import install as install_nodes
     from verifier.notify import install as install_webhooks
     from verifier.policy_api import install as install_policies
     from verifier.push_api import install as install_push
     from verifier.trust_api import install as install_trust
 
     return [install_auth, install_registrar, install_policies, install_verifier, install_admission,
-            install_gate, install_trust, install_webhooks,
+            install_gate, install_trust, install_nodes, install_webhooks,
             install_push, install_evidence_verify]

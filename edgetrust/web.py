@@ -40,6 +40,8 @@ class RequestError(Exception):
 STATUS_BY_CODE: dict[str, int] = {
     "not-found": 404,
     "device-not-found": 404,
+    "node-not-found": 404,
+    "device-on-other-node": 409,
     "method-not-allowed": 405,
     "conflict": 409,
     "registration-in-progress": 409,
