@@ -4,9 +4,10 @@ Every request passes through :meth:`Authorizer.authorize_request`, so no view of
 checks credentials itself. The route table :data:`ROUTE_SCOPES` maps a method and a path to
 the scope it needs:
 
-- open, because agents prove themselves with the TPM: ``GET /healthz``, ``GET /version``, and
+- open, because agents prove themselves with the TPM: ``GET /healthz``, ``GET /version``,
   Keylime agent registration and activation (``POST`` and ``PUT /v{version}/agents/{id}``,
-  ``POST /v{version}/agents/{id}/activate``);
+  ``POST /v{version}/agents/{id}/activate``), and push-mode challenges and evidence
+  (``POST /v1/push/{id}/challenge``, ``POST /v1/push/{id}/evidence``);
 - ``read``: ``GET /v1/devices/{id}/verdict``, ``POST /v1/verdicts:batch``,
   ``GET /v1/verdicts/stream``, ``GET /v1/keys``, ``POST /v1/admission``, ``POST /v1/gate``;
 - ``admin``: everything else, including routes that do not exist.
@@ -64,6 +65,8 @@ ROUTE_SCOPES: Final = (
     _route({"GET"}, r"/version", None),
     _route({"POST", "PUT"}, _AGENT_PREFIX + r"/?", None),
     _route({"POST"}, _AGENT_PREFIX + r"/activate/?", None),
+    # Push mode: the evidence is authenticated by the quote over the challenge's nonce.
+    _route({"POST"}, r"/v1/push/[^/]+/(?:challenge|evidence)", None),
     _route({"GET"}, r"/v1/devices/[^/]+/verdict", Scope.READ),
     _route({"POST"}, r"/v1/verdicts:batch", Scope.READ),
     _route({"GET"}, r"/v1/verdicts/stream", Scope.READ),

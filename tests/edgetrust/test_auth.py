@@ -41,6 +41,8 @@ OPEN_ROUTES = [
     ("PUT", "/v2.1/agents/device-1"),
     ("POST", "/v2.5/agents/device-1/activate"),
     ("POST", "/v2.0/agents/device-1"),
+    ("POST", "/v1/push/device-1/challenge"),
+    ("POST", "/v1/push/device-1/evidence"),
 ]
 READ_ROUTES = [
     ("GET", "/v1/devices/device-1/verdict"),
@@ -66,6 +68,15 @@ ADMIN_ROUTES = [
     ("DELETE", "/v1/policies/fleet"),
     ("GET", "/no/such/route"),
     ("POST", "/v1/devices/device-1/verdict"),
+    ("POST", "/v1/push/device-1"),
+    ("GET", "/v1/push/device-1"),
+    ("DELETE", "/v1/push/device-1"),
+    ("POST", "/v1/evidence:verify"),
+    ("GET", "/v1/nodes"),
+    ("PUT", "/v1/nodes/node-1"),
+    ("DELETE", "/v1/nodes/node-1"),
+    ("POST", "/v1/webhooks"),
+    ("GET", "/v1/webhooks"),
 ]
 
 
