@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # WSGI environ key in which mod_wsgi-style servers put the verified client certificate's CN.
 CLIENT_CN_ENVIRON_KEY: Final = "SSL_CLIENT_S_DN_CN"
 ADMISSION_PATH: Final = "/v1/admission"
-# Any API version: the registrar answers an agent that uses an unsupported version itself.
+# Any API version, so that the registrar itself rejects an agent using an unsupported one.
 _AGENT_PREFIX: Final = r"/v[0-9]+(?:\.[0-9]+)?/agents/[^/]+"
 
 
