@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,25 @@ def poll_command(config_file: Path | None, threads: int | None) -> None:
     engine.dispose()
 
 
-def start_embedded_poller(settings: Settings) -> threading.Event | None:
-    """Start a poller thread in this process when the settings ask for one; return its stop event.
+@dataclass(frozen=True)
+class EmbeddedPoller:
+    """A poller thread inside a server worker process."""
+
+    stop_event: threading.Event
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        """Stop claiming devices, then wait for the attestations already claimed to be stored.
+
+        A worker that exited without this would leave the devices it claimed during its
+        shutdown leased until ``verifier_lease_seconds`` passed, and unattested until then.
+        """
+        self.stop_event.set()
+        self.thread.join()
+
+
+def start_embedded_poller(settings: Settings) -> EmbeddedPoller | None:
+    """Start a poller thread in this process when the settings ask for one, and return it.
 
     Runs only with SQLite and ``verifier_poll_in_server``. A poller that cannot be built from
     the settings (mTLS on without a client certificate) is logged and not started, so that the
@@ -69,8 +87,9 @@ def start_embedded_poller(settings: Settings) -> threading.Event | None:
         return None
 
     stop = threading.Event()
-    threading.Thread(target=poller.run, args=(stop,), name="embedded-poller", daemon=True).start()
-    return stop
+    thread = threading.Thread(target=poller.run, args=(stop,), name="embedded-poller", daemon=True)
+    thread.start()
+    return EmbeddedPoller(stop, thread)
 
 
 def _pool_size(settings: Settings) -> dict[str, Any]:

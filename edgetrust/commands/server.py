@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy import Engine
@@ -22,6 +22,9 @@ from edgetrust.db import (
     upgrade,
 )
 from edgetrust.settings import Settings
+
+if TYPE_CHECKING:
+    from edgetrust.commands.poll import EmbeddedPoller
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +48,27 @@ def serve_command(config_file: Path | None, host: str | None, port: int | None) 
         raise click.ClickException(f"{exc.message} (setting ek_ca_dir)") from exc
     log.info("serving on http://%s:%d with database %s", settings.listen_host,
              settings.listen_port, engine.url.render_as_string(hide_password=True))
+    # The poller of the worker process, filled in by post_fork in the worker after the fork.
+    pollers: list[EmbeddedPoller] = []
     run_gunicorn(app, settings.listen_host, settings.listen_port,
                  settings.server_workers, settings.server_threads,
-                 post_fork=lambda _server, _worker: _start_poller(settings))
+                 post_fork=lambda _server, _worker: _start_poller(settings, pollers),
+                 worker_exit=lambda _server, _worker: _stop_pollers(pollers))
 
 
-def _start_poller(settings: Settings) -> None:
+def _start_poller(settings: Settings, pollers: list[EmbeddedPoller]) -> None:
     from edgetrust.commands.poll import start_embedded_poller
 
-    start_embedded_poller(settings)
+    poller = start_embedded_poller(settings)
+    if poller is not None:
+        pollers.append(poller)
+
+
+def _stop_pollers(pollers: list[EmbeddedPoller]) -> None:
+    # gunicorn kills a worker that takes longer than its graceful_timeout (30 s) to exit, so
+    # this waits at most that long.
+    for poller in pollers:
+        poller.stop()
 
 
 def prepare_database(engine: Engine) -> None:
@@ -74,7 +89,8 @@ def prepare_database(engine: Engine) -> None:
 
 
 def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int,
-                 post_fork: Callable[[Any, Any], None] | None = None) -> None:
+                 post_fork: Callable[[Any, Any], None] | None = None,
+                 worker_exit: Callable[[Any, Any], None] | None = None) -> None:
     from gunicorn.app.base import BaseApplication
 
     class _Application(BaseApplication):
@@ -88,6 +104,9 @@ def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int,
             if post_fork is not None:
                 # Threads do not survive fork(), so each worker starts its own after forking.
                 self.cfg.set("post_fork", post_fork)
+            if worker_exit is not None:
+                # Runs in the worker after it stopped serving requests, before it exits.
+                self.cfg.set("worker_exit", worker_exit)
 
         def load(self) -> Any:
             return app
