@@ -101,6 +101,10 @@ def run_gunicorn(app: Any, host: str, port: int, workers: int, threads: int,
             self.cfg.set("worker_class", "gthread")
             self.cfg.set("accesslog", None)
             self.cfg.set("timeout", 60)
+            # gunicorn 27 opens a control socket under the user's home by default, which two
+            # servers on one host would share; edgetrust does not use it.
+            if "control_socket_disable" in self.cfg.settings:
+                self.cfg.set("control_socket_disable", True)
             if post_fork is not None:
                 # Threads do not survive fork(), so each worker starts its own after forking.
                 self.cfg.set("post_fork", post_fork)
