@@ -36,7 +36,10 @@ receiver's secret, of the timestamp, a ``.`` and the body. A receiver checks the
 constant time and rejects timestamps older than a few minutes, so a captured request cannot
 be replayed later; :func:`verify_signature` does both.
 
-NOTE: retries can reorder events of one device; receivers order them by ``issued_at``.
+NOTE: retries can reorder events of one device, so receivers order them by ``issued_at``.
+NOTE: the pull-mode poller (``verifier.poller``) does not call :func:`enqueue_verdict_change`
+yet, and neither ``edgetrust serve`` nor ``edgetrust poll`` starts the delivery worker yet.
+Until they do, only push-mode verdicts and expiries are queued, and nothing sends them.
 """
 
 from __future__ import annotations
@@ -537,7 +540,8 @@ def _claimed(delivery: WebhookDelivery, webhook: Webhook, claim_id: str) -> Clai
 def start_delivery_worker(settings: Settings) -> threading.Event:
     """Start a delivery worker thread on its own engine; return the event that stops it.
 
-    ``edgetrust serve`` (each worker process) and ``edgetrust poll`` call it at start.
+    Meant for each worker process of ``edgetrust serve`` and for ``edgetrust poll``, which
+    may run any number of workers against one database.
     """
     options = DeliveryOptions.from_settings(settings)
     engine = make_engine(settings.effective_database_url, pool_size=options.threads + 2)

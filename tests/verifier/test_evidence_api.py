@@ -47,7 +47,7 @@ def device(files: dict[str, bytes]) -> SimulatedDevice:
 
 def request_body(device: SimulatedDevice, policies: dict[str, Any], *, nonce: str = NONCE,
                  mask: str = "0x107ff") -> dict[str, Any]:
-    """Quote the device over ``nonce`` and build a verify request from its answer."""
+    """Quote the device over ``nonce`` and build a verify request from its response."""
     status, body = device.answer_quote({"nonce": nonce, "mask": mask, "ima_ml_entry": "0"})
     assert status == 200
     results = body["results"]

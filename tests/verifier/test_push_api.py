@@ -97,7 +97,7 @@ def challenge(env: PushEnv, device_id: str) -> dict[str, Any]:
 
 
 def quote_for(device: SimulatedDevice, issued: dict[str, Any]) -> dict[str, Any]:
-    """Answer a challenge as the device's push client does: the Keylime quote response fields."""
+    """Respond to a challenge as the device's push client does: the Keylime quote response fields."""
     status, body = device.answer_quote({"nonce": issued["nonce"], "mask": issued["mask"],
                                         "ima_ml_entry": str(issued["ima_ml_entry"])})
     assert status == 200
