@@ -513,3 +513,22 @@ def test_service_rejects_unknown_challenge(env: PushEnv, device: SimulatedDevice
 
     assert response.status_code == 404
     assert error_of(response)["code"] == "push-challenge-not-found"
+
+
+def test_device_routes_need_no_token(migrated_engine: Engine, tmp_path: Path, clock: FakeClock,
+                                     device: SimulatedDevice, files: dict[str, bytes]) -> None:
+    app = build_app(migrated_engine, tmp_path, clock)
+    add_pushing_device(PushEnv(app, app.test_client(), make_session_factory(migrated_engine), clock),
+                       device, files)
+    settings = Settings(data_dir=tmp_path / "guarded",
+                        database_url=migrated_engine.url.render_as_string(hide_password=False))
+    guarded = create_app(settings, engine=migrated_engine).test_client()
+
+    issued = guarded.post(f"/v1/push/{device.device_id}/challenge")
+    pushed = guarded.post(f"/v1/push/{device.device_id}/evidence", json=quote_for(device, issued.get_json()))
+    admin = guarded.get(f"/v1/push/{device.device_id}")
+
+    assert issued.status_code == 201
+    assert pushed.status_code == 200
+    assert pushed.get_json()["verdict"]["status"] == "trusted"
+    assert admin.status_code == 401
