@@ -253,6 +253,8 @@ class Claim:
     consecutive_failures: int
     verdict_key: tuple[str, tuple[str, ...]]
     """Status and reason codes of the current verdict, to tell whether the next one changes them."""
+    verdict_expires_at: datetime | None = None
+    """Expiry of the current verdict, so that an expired trusted verdict counts as unknown."""
     enrollment: Enrollment | None = None
     policies: PolicySet = PolicySet()
     state: DeviceState | None = None
@@ -293,7 +295,8 @@ def enrollment_of(device_id: str, aik_tpm: bytes, ek_tpm: bytes | None) -> Enrol
 _CLAIM_COLUMNS: Final = (
     VerifierDevice.id, VerifierDevice.device_id, VerifierDevice.ip, VerifierDevice.port,
     VerifierDevice.poll_interval, VerifierDevice.consecutive_failures, VerifierDevice.verdict_status,
-    VerifierDevice.verdict_reasons, VerifierDevice.state, VerifierDevice.next_poll_at,
+    VerifierDevice.verdict_reasons, VerifierDevice.verdict_expires_at, VerifierDevice.state,
+    VerifierDevice.next_poll_at,
     VerifierDevice.runtime_policy, VerifierDevice.mb_policy, VerifierDevice.pcr_policy,
     RegisteredDevice.active, RegisteredDevice.aik_tpm, RegisteredDevice.ek_tpm, RegisteredDevice.mtls_cert,
 )
@@ -450,6 +453,7 @@ class Poller:
             poll_interval=row.poll_interval,
             consecutive_failures=row.consecutive_failures,
             verdict_key=(row.verdict_status, tuple(reason["code"] for reason in row.verdict_reasons)),
+            verdict_expires_at=as_utc(row.verdict_expires_at) if row.verdict_expires_at else None,
             state=self._state_of(row),
         )
         if not row.active:
@@ -545,6 +549,9 @@ class Poller:
     # --- store ---
 
     def _store(self, claim: Claim, outcome: _Outcome, started_at: datetime) -> None:
+        # verifier.notify imports this module's time helpers, so it is imported here.
+        from verifier.notify import PreviousVerdict, enqueue_verdict_change
+
         finished_at = self._clock()
         failures = 0 if outcome.reached else claim.consecutive_failures + 1
         next_poll_at = self._next_poll_at(claim, failures, finished_at)
@@ -594,6 +601,13 @@ class Poller:
                 connection.execute(_INSERT_VERDICT, _verdict_record(verdict, reasons, attestation_id))
             else:
                 connection.execute(_INSERT_ATTESTATION, attestation)
+            # In the same transaction, so a verdict change is never stored without its webhook
+            # notifications. It decides itself whether anything changed (expiry included).
+            enqueue_verdict_change(
+                connection, verdict,
+                PreviousVerdict(claim.verdict_key[0], claim.verdict_key[1], claim.verdict_expires_at),
+                now=finished_at,
+            )
 
         self._report(claim, outcome, changed, next_poll_at)
 

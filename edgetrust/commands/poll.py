@@ -41,10 +41,16 @@ def poll_command(config_file: Path | None, threads: int | None) -> None:
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
 
+    from verifier.notify import start_delivery_worker
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    poller.run(stop)
+    delivery_stop = start_delivery_worker(settings)
+    try:
+        poller.run(stop)
+    finally:
+        delivery_stop.set()
     engine.dispose()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,25 +51,32 @@ def serve_command(config_file: Path | None, host: str | None, port: int | None) 
              settings.listen_port, engine.url.render_as_string(hide_password=True))
     # The poller of the worker process, filled in by post_fork in the worker after the fork.
     pollers: list[EmbeddedPoller] = []
+    delivery_stops: list[threading.Event] = []
     run_gunicorn(app, settings.listen_host, settings.listen_port,
                  settings.server_workers, settings.server_threads,
-                 post_fork=lambda _server, _worker: _start_poller(settings, pollers),
-                 worker_exit=lambda _server, _worker: _stop_pollers(pollers))
+                 post_fork=lambda _server, _worker: _start_poller(settings, pollers, delivery_stops),
+                 worker_exit=lambda _server, _worker: _stop_pollers(pollers, delivery_stops))
 
 
-def _start_poller(settings: Settings, pollers: list[EmbeddedPoller]) -> None:
+def _start_poller(settings: Settings, pollers: list[EmbeddedPoller],
+                  delivery_stops: list[threading.Event]) -> None:
     from edgetrust.commands.poll import start_embedded_poller
+    from verifier.notify import start_delivery_worker
 
     poller = start_embedded_poller(settings)
     if poller is not None:
         pollers.append(poller)
+    # Every worker delivers webhook notifications from the outbox, on either database.
+    delivery_stops.append(start_delivery_worker(settings))
 
 
-def _stop_pollers(pollers: list[EmbeddedPoller]) -> None:
+def _stop_pollers(pollers: list[EmbeddedPoller], delivery_stops: list[threading.Event]) -> None:
     # gunicorn kills a worker that takes longer than its graceful_timeout (30 s) to exit, so
     # this waits at most that long.
     for poller in pollers:
         poller.stop()
+    for stop in delivery_stops:
+        stop.set()
 
 
 def prepare_database(engine: Engine) -> None:

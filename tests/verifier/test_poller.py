@@ -410,3 +410,28 @@ def test_two_pollers_never_overlap(
         assert {a.status for a in records} == {"trusted"}
         pollers_seen.update(a.poller for a in records)
     assert pollers_seen == {"poller-0", "poller-1"}
+
+
+def test_poller_queues_webhook_on_change(
+    sessions: sessionmaker[Session], clock: FakeClock, enrolled: list[SimulatedDevice]
+) -> None:
+    from verifier.outbox_models import Webhook, WebhookDelivery
+
+    with transaction(sessions) as session:
+        session.add(Webhook(url="http://127.0.0.1:9/hook", secret="s" * 32, created_at=utc_now()))
+    poller = make_poller(sessions, clock)
+    device = enrolled[1]
+    poller.run_once()
+    clock.advance(POLL_INTERVAL)
+    poller.run_once()
+
+    device.measure(next(iter(device.files)), secrets.token_bytes(32))
+    clock.advance(POLL_INTERVAL)
+    poller.run_once()
+
+    with sessions() as session:
+        queued = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)).all()
+        events = [(d.device_id, d.payload["old_status"], d.payload["new_status"]) for d in queued]
+    assert events.count(("device-1", "trusted", "untrusted")) == 1
+    assert events.count(("device-0", "unknown", "trusted")) == 1
+    assert ("device-0", "trusted", "trusted") not in events
