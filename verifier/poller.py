@@ -46,7 +46,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from sqlalchemy import Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, bindparam, exists, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.db import transaction
@@ -78,6 +78,7 @@ from verifier.engine import (
 )
 from verifier.errors import AgentError, VerifierError
 from verifier.models import Attestation, VerdictRecord, VerifierDevice
+from verifier.outbox_models import PushDevice
 from verifier.policy_models import Policy, PolicyVersion
 from verifier.state import DeviceState
 from verifier.verdicts import AppliedPolicy, Verdict, VerdictStatus, unknown_verdict
@@ -309,7 +310,12 @@ _ATTESTATIONS: Final = _TABLES[Attestation.__tablename__]
 _DUE = (
     select(*_CLAIM_COLUMNS)
     .join(RegisteredDevice, RegisteredDevice.device_id == VerifierDevice.device_id)
-    .where(VerifierDevice.paused.is_(False), VerifierDevice.next_poll_at <= bindparam("p_now"))
+    .where(
+        VerifierDevice.paused.is_(False),
+        VerifierDevice.next_poll_at <= bindparam("p_now"),
+        # A push-mode device sends its own evidence; a resume must not make pollers pull it.
+        ~exists().where(PushDevice.device_id == VerifierDevice.device_id),
+    )
     .order_by(VerifierDevice.next_poll_at)
     .limit(bindparam("p_limit"))
 )

@@ -435,3 +435,18 @@ def test_poller_queues_webhook_on_change(
     assert events.count(("device-1", "trusted", "untrusted")) == 1
     assert events.count(("device-0", "unknown", "trusted")) == 1
     assert ("device-0", "trusted", "trusted") not in events
+
+
+def test_poller_skips_push_mode_device(
+    sessions: sessionmaker[Session], clock: FakeClock, enrolled: list[SimulatedDevice]
+) -> None:
+    from verifier.outbox_models import PushDevice
+
+    with transaction(sessions) as session:
+        session.add(PushDevice(device_id="device-2", enabled_at=utc_now()))
+    poller = make_poller(sessions, clock)
+
+    poller.run_once()
+
+    assert attestations(sessions, "device-2") == []
+    assert len(attestations(sessions, "device-0")) == 1
