@@ -6,7 +6,7 @@ caller (the agent API, the IMA simulator, the event log replay) acquires ``Attes
 around the commands that must not interleave. It is the same re-entrant lock that
 ``device.tpm.DeviceTpm`` serialises its own methods with.
 
-``AgentQuoter`` answers a Keylime integrity or identity request:
+``AgentQuoter`` builds the response to a Keylime integrity or identity request:
 
 1. Select the requested PCRs plus PCR 16 in the AK's hash bank (the bank of its signing
    scheme, as rust-keylime 0.2.9 quotes).

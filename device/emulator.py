@@ -255,7 +255,7 @@ class SwtpmProcess:
         return stderr.decode(errors="replace").strip() or "no output"
 
     def stop(self, *, orderly: bool = True) -> None:
-        """Shut the TPM down (orderly unless told otherwise), then terminate swtpm and wait.
+        """Shut the TPM down (orderly unless ``orderly`` is False), then terminate swtpm and wait.
 
         Without TPM2_Shutdown the next start counts as an unorderly shutdown: quotes report
         clockInfo.safe = NO, and after a few of those the TPM's dictionary-attack protection

@@ -1,5 +1,5 @@
-"""What a request handler needs from the running server: settings, database sessions and the
-long-lived objects built at start-up (trust stores, caches). Built once by the app factory."""
+"""Services of the running server that request handlers use: settings, database sessions and
+the long-lived objects built at start-up (trust stores, caches). The app factory builds them once."""
 
 from __future__ import annotations
 

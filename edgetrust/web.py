@@ -3,7 +3,7 @@
 Domain packages raise their own errors with stable kebab-case codes; this module is the one
 place that maps those codes to HTTP statuses. Two error shapes exist:
 
-- edgetrust's own APIs answer ``{"error": {"code", "message", "field"}}``;
+- edgetrust's own APIs return ``{"error": {"code", "message", "field"}}``;
 - Keylime-compatible routes (``/v2.x/...``, ``/version``) answer Keylime's envelope
   ``{"code": <status>, "status": <message>, "results": {"error": {...}}}`` so that Keylime
   clients read the message where they expect it.
@@ -123,7 +123,7 @@ def keylime_response(results: Mapping[str, Any], status: int = 200, text: str = 
 
 
 def register_error_handlers(app: Flask, domain_errors: tuple[type[Exception], ...]) -> None:
-    """Answer every error as JSON; domain errors with their code, anything unexpected as 500
+    """Return every error as JSON: domain errors with their code, anything unexpected as a 500
     after logging it with its traceback."""
 
     @app.errorhandler(RequestError)

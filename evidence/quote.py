@@ -32,7 +32,7 @@ qualifiedSigner: the signature already binds the quote to the AK. Comparing qual
 with the qualified name computed from the enrolled EK and AK (``evidence.tpm.ak_qualified_name``)
 also shows that the AK still sits under that EK. The plain AK name never matches and must
 not be compared. When the caller passes no qualified name, or the AK is a bare public key
-without its TPM public area, step 7 is skipped and a warning finding says so.
+without its TPM public area, step 7 is skipped and a warning finding reports it.
 
 Public API:
 

@@ -1041,7 +1041,7 @@ def marshal_pcr_file(selection: PcrSelection, values: PcrValues) -> bytes:
     Raises KeyError if ``values`` lacks a PCR the selection names.
     """
     if len(selection.banks) > _MAX_PCR_BANKS:
-        raise ValueError(f"a PCR file holds at most {_MAX_PCR_BANKS} banks")
+        raise ValueError(f"a PCR file contains at most {_MAX_PCR_BANKS} banks")
     slots: list[Any] = [len(selection.banks)]
     for bank in selection.banks:
         slots += [bank.hash_alg, bank.size_of_select, _pcr_bitmap(bank.pcrs, 4)]

@@ -14,7 +14,7 @@ segments. An image may be signed by the keys of every rule
 that matches its repository. A repository that no rule matches gets no key, so its images
 are denied.
 
-This module only says which keys apply. Verifying a cosign signature with them is the
+This module only returns which keys apply. Verifying a cosign signature with them is the
 admission and gate code's work.
 
 Public API::

@@ -67,7 +67,7 @@ class RegisteredDevice(Base):
     # Number of accepted registrations, this one included.
     regcount: Mapped[int] = mapped_column(Integer)
     # True once the device completed a credential challenge, which proves that the AK lives
-    # in the TPM that holds the EK.
+    # in the TPM that contains the EK.
     active: Mapped[bool]
     # The random secret wrapped by MakeCredential, until the device activates it or the
     # challenge is voided. Cleared on activation: it must not outlive its use.

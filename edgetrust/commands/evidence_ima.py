@@ -40,7 +40,7 @@ _BANKS = list(BANK_DIGEST_SIZES)
     "--template-hash-algorithm",
     type=click.Choice(_BANKS),
     default=None,
-    help="Algorithm of the template-hash column. Default: told by the column's length in "
+    help="Algorithm of the template-hash column. Default: inferred from the column's length in "
     "the ASCII form, sha1 in the binary form.",
 )
 @click.option(
