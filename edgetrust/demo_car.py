@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from edgetrust.db import make_engine, make_session_factory, transaction
 from edgetrust.demo_registry import LocalRegistry, generate_signing_key, public_key_pem
 from edgetrust.demo_support import (
     POLL_INTERVAL_SECONDS,
@@ -36,7 +35,6 @@ from edgetrust.demo_support import (
     spawn,
     wait_for_log,
 )
-from edgetrust.settings import load_settings
 
 RUNTIME_POLICY = "car-runtime"
 # The name the server looks the image-signature policy up by (setting image_signature_policy).
@@ -203,7 +201,9 @@ def add_to_verifier(context: DemoContext) -> None:
     say(context, f"POST /v1/devices/{context.device_id} {json.dumps(body)}")
     api_call(context, "POST", f"/v1/devices/{context.device_id}", body=body, expected=201)
 
-    _map_node(context)
+    node_mapping = {"device_id": context.device_id, "labels": {"edgetrust.io/fleet": "demo"}}
+    say(context, f"PUT /v1/nodes/{context.node_name} {json.dumps(node_mapping)}")
+    api_call(context, "PUT", f"/v1/nodes/{context.node_name}", body=node_mapping)
     say(context, f"mapped the Kubernetes node {context.node_name} to {context.device_id}")
 
     started = time.monotonic()
@@ -214,20 +214,6 @@ def add_to_verifier(context: DemoContext) -> None:
     say(context, f"the quote verified with the enrolled AK, {device['state']['ima_next_entry']} IMA "
                  f"entries replayed to the quoted PCR 10, and each file's digest is in "
                  f"{RUNTIME_POLICY}")
-
-
-def _map_node(context: DemoContext) -> None:
-    # NOTE: no API route or command maps a node to a device yet (verifier.nodes has only the
-    # functions), so the demo writes the mapping into the server's database itself.
-    from verifier.nodes import set_node
-
-    settings = load_settings(environ=context.server_environment)
-    engine = make_engine(settings.effective_database_url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            set_node(session, context.node_name, context.device_id, {"edgetrust.io/fleet": "demo"})
-    finally:
-        engine.dispose()
 
 
 def wait_for_verdict(context: DemoContext, expected: str) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def activate_device(api_version: str, device_id: str) -> Response:
     return keylime_response({})
 
 
-# TODO: the admin routes below are not authenticated yet; API tokens with scopes will guard them.
+# The routes below need an API token with the admin scope, which edgetrust.auth checks.
 
 
 @blueprint.get(f"{_PREFIX}/agents/", strict_slashes=False)

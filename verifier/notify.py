@@ -36,10 +36,11 @@ receiver's secret, of the timestamp, a ``.`` and the body. A receiver checks the
 constant time and rejects timestamps older than a few minutes, so a captured request cannot
 be replayed later; :func:`verify_signature` does both.
 
+Every worker process of ``edgetrust serve`` and every ``edgetrust poll`` process runs a
+delivery worker (:func:`start_delivery_worker`). The pull-mode poller and the push-mode
+evidence route call :func:`enqueue_verdict_change` for the verdict of each attestation.
+
 NOTE: retries can reorder events of one device, so receivers order them by ``issued_at``.
-NOTE: the pull-mode poller (``verifier.poller``) does not call :func:`enqueue_verdict_change`
-yet, and neither ``edgetrust serve`` nor ``edgetrust poll`` starts the delivery worker yet.
-Until they do, only push-mode verdicts and expiries are queued, and nothing sends them.
 """
 
 from __future__ import annotations

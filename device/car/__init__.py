@@ -13,8 +13,6 @@ from typing import Final
 
 from device.errors import DeviceError
 
-# NOTE: pyproject.toml declares no package data for template/models/pilot.json, so a wheel built
-# from it lacks the model file. A source checkout or an editable install has it.
 TEMPLATE_DIR: Final = Path(__file__).resolve().parent / "template"
 # Files of a car directory, relative to it, in the order `edgetrust car init` lists them.
 TEMPLATE_FILES: Final = ("manage.py", "config.py", "myconfig.py", "models/pilot.json")
