@@ -83,6 +83,17 @@ class Settings:
         300.0, "Seconds after which the server ends a verdict stream; clients reconnect with "
         "Last-Event-ID and miss nothing.")
 
+    # Policy store (/v1/policies)
+    policy_signing_keys: list[str] = _setting(
+        [], "Files of the PEM public keys (ECDSA, such as P-256) that may sign policies "
+        "uploaded to /v1/policies. A signed upload must verify with one of them. Empty: a "
+        "signed upload is verified with the public_key sent in the same request, which shows "
+        "only that the policy is intact, and the server logs a warning on start.")
+    policy_require_signature: bool = _setting(
+        False, "Reject policy uploads that are not DSSE envelopes signed with a key of "
+        "policy_signing_keys, which must then list at least one key. false also stores "
+        "unsigned policies uploaded with an admin token.")
+
     # Node controller (edgetrust nodes controller)
     nodes_kube_api_url: str = _setting(
         "", "URL of the Kubernetes API server; empty means the in-cluster service account "

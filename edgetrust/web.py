@@ -74,6 +74,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "policy-in-use": 409,
     "policy-content-corrupt": 500,
     "dsse-signature-invalid": 403,
+    "policy-not-signed": 403,
+    "policy-signing-key-not-trusted": 403,
     "device-not-in-push-mode": 409,
     "device-paused": 409,
     "enrollment-invalid": 409,

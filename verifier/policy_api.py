@@ -16,10 +16,22 @@ top, such as ``policy.digests["/usr/bin/bash"][0]``, and nothing is stored.
 Every route needs an API token with the admin scope; ``edgetrust.auth`` checks it before any
 view runs.
 
-Signed uploads are verified with the keys the ``PolicyApi`` was built with. With none, the
-request must carry the public key to verify with, as Keylime's verifier accepts
-``runtime_policy_key``. The stored version then records which key signed it, but such a key
-shows only that the policy is intact, not that its signer may set policies.
+Signed uploads are verified with the PEM public keys of the setting ``policy_signing_keys``,
+which the server loads on start:
+
+- A signed upload must verify with one of those keys, else it is rejected with 403
+  ``dsse-signature-invalid`` (field ``envelope.signatures``).
+- ``public_key`` may be left out. A request that sends it must send one of those keys, and
+  the envelope is then verified with that key alone. Any other key is rejected with 403
+  ``policy-signing-key-not-trusted`` (field ``public_key``).
+- With ``policy_require_signature`` an unsigned ``policy`` is rejected with 403
+  ``policy-not-signed``. Without it, unsigned policies are stored too, since every upload
+  needs an admin token (unless the setting ``api_auth`` is false).
+
+With no keys configured, the request must carry the public key to verify with, as Keylime's
+verifier accepts ``runtime_policy_key``. The stored version then records which key signed it,
+but such a key shows only that the policy is intact, not that its signer may set policies.
+The server logs a warning about this on start.
 """
 
 from __future__ import annotations
@@ -29,14 +41,25 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from flask import Blueprint, Flask, Response, request
 
+from edgetrust.auth import current_identity
 from edgetrust.context import AppServices, services
 from edgetrust.db import transaction
+from edgetrust.settings import Settings, SettingsError
 from edgetrust.web import RequestError, json_body, require_str
-from policies.errors import PolicyError
+from policies.dsse import key_id, load_public_key
+from policies.errors import (
+    DSSE_SIGNATURE_INVALID,
+    POLICY_NOT_SIGNED,
+    SIGNING_KEY_INVALID,
+    PolicyError,
+)
 from verifier import policy_store
 from verifier.policy_models import PolicyVersion
 from verifier.policy_store import PolicyStoreError, SignedPolicy
@@ -44,6 +67,11 @@ from verifier.policy_store import PolicyStoreError, SignedPolicy
 log = logging.getLogger(__name__)
 
 _EXTENSION_KEY: Final = "policies"
+# Upload errors that may mean an attempt to set a policy without a trusted signature. The
+# upload routes log them at WARNING.
+_SIGNATURE_REJECTIONS: Final = frozenset(
+    {DSSE_SIGNATURE_INVALID, POLICY_NOT_SIGNED, "policy-signing-key-not-trusted"}
+)
 
 blueprint = Blueprint("policies", __name__)
 
@@ -54,15 +82,72 @@ class PolicyApi:
 
     trusted_keys: tuple[bytes, ...] = ()
     """PEM public keys that may sign uploaded policies. Empty: the request names the key."""
+    require_signature: bool = False
+    """Whether unsigned uploads are rejected. The settings allow it only with ``trusted_keys``."""
+
+    def trusted_key(self, expected_key_id: str) -> bytes | None:
+        """Return the trusted PEM key whose DSSE key id is ``expected_key_id``, or None."""
+        for pem in self.trusted_keys:
+            if key_id(load_public_key(pem)) == expected_key_id:
+                return pem
+        return None
 
 
 def install(app: Flask, app_services: AppServices) -> tuple[type[Exception], ...]:
-    """Add the policy routes to ``app`` and return their error classes."""
-    # TODO: no setting lists the keys allowed to sign policies yet. Until one does, signed
-    # uploads are verified with the public key sent in the same request.
-    app_services.extras[_EXTENSION_KEY] = PolicyApi(trusted_keys=())
+    """Add the policy routes to ``app`` and return their error classes.
+
+    Raises SettingsError when a key of ``policy_signing_keys`` cannot be loaded.
+    """
+    app_services.extras[_EXTENSION_KEY] = policy_api_from_settings(app_services.settings)
     app.register_blueprint(blueprint)
     return (PolicyError, PolicyStoreError)
+
+
+def policy_api_from_settings(settings: Settings) -> PolicyApi:
+    """Build the policy API configuration and load each key of ``policy_signing_keys``.
+
+    Raises SettingsError, naming the file at fault, for a key that cannot be used.
+    """
+    keys = tuple(load_trusted_key(Path(path).expanduser()) for path in settings.policy_signing_keys)
+
+    if settings.policy_require_signature and not keys:
+        raise SettingsError("setting policy_require_signature is true but policy_signing_keys "
+                            "is empty; list the PEM public keys that may sign policies")
+
+    if keys:
+        log.info("policy uploads are verified with %d trusted key(s): %s", len(keys),
+                 ", ".join(key_id(load_public_key(pem)) for pem in keys))
+    else:
+        log.warning("setting policy_signing_keys is empty: a signed policy upload is verified "
+                    "with the public key sent in the same request, which shows that the policy "
+                    "is intact but not who signed it")
+    return PolicyApi(trusted_keys=keys, require_signature=settings.policy_require_signature)
+
+
+def load_trusted_key(path: Path) -> bytes:
+    """Read one key of ``policy_signing_keys`` and return it as PEM SubjectPublicKeyInfo."""
+    try:
+        pem = path.read_bytes()
+    except OSError as error:
+        raise SettingsError(f"cannot read the policy signing key {path}: {error.strerror} "
+                            "(setting policy_signing_keys)") from None
+
+    if b"PRIVATE KEY-----" in pem:
+        raise SettingsError(f"the policy signing key {path} is a private key; give its public "
+                            "key, such as the output of `openssl ec -pubout` "
+                            "(setting policy_signing_keys)")
+    try:
+        public_key = load_public_key(pem)
+    except PolicyError as error:
+        reason = error.message.splitlines()[0] if error.message else error.code
+        raise SettingsError(f"the policy signing key {path} cannot be used: {reason} "
+                            "(setting policy_signing_keys)") from None
+    return _spki_pem(public_key)
+
+
+def _spki_pem(public_key: ec.EllipticCurvePublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _api() -> PolicyApi:
@@ -83,11 +168,12 @@ class Upload:
     signed: SignedPolicy | None
 
 
-def parse_upload(unverified_body: Mapping[str, Any], trusted_keys: tuple[bytes, ...]) -> Upload:
+def parse_upload(unverified_body: Mapping[str, Any], api: PolicyApi) -> Upload:
     """Check an upload's fields and verify its DSSE envelope if it has one.
 
-    Raises RequestError for a malformed request, PolicyStoreError for an unknown kind and
-    PolicyError (field prefixed ``envelope``) for an envelope that does not verify.
+    Raises RequestError for a malformed request or a ``public_key`` that is not trusted,
+    PolicyStoreError for an unknown kind, and PolicyError for an unsigned policy that ``api``
+    requires to be signed or an envelope that does not verify (field prefixed ``envelope``).
     """
     kind = policy_store.check_kind(require_str(unverified_body, "kind"))
     has_policy = "policy" in unverified_body
@@ -103,6 +189,11 @@ def parse_upload(unverified_body: Mapping[str, Any], trusted_keys: tuple[bytes, 
         if "public_key" in unverified_body:
             raise RequestError("invalid-field", "'public_key' verifies an 'envelope'; an "
                                "unsigned 'policy' has nothing to verify", field="public_key")
+        if api.require_signature:
+            raise PolicyError("this server stores only signed policies (setting "
+                              "policy_require_signature); send the policy as 'envelope', a DSSE "
+                              "envelope signed with a key of policy_signing_keys",
+                              code=POLICY_NOT_SIGNED, field="policy")
         document = unverified_body["policy"]
         if not isinstance(document, dict):
             raise RequestError("invalid-field", "'policy' must be a JSON object", field="policy")
@@ -112,26 +203,42 @@ def parse_upload(unverified_body: Mapping[str, Any], trusted_keys: tuple[bytes, 
     if not isinstance(envelope, dict):
         raise RequestError("invalid-field", "'envelope' must be a DSSE envelope object",
                            field="envelope")
-    keys = _verification_keys(unverified_body, trusted_keys)
+    keys = _verification_keys(unverified_body, api)
     try:
         signed = policy_store.verify_signed_policy(envelope, keys)
     except PolicyError as error:
+        if error.code == DSSE_SIGNATURE_INVALID and api.trusted_keys:
+            error = PolicyError(f"{error.message}; sign the policy with a key of the server's "
+                                "setting policy_signing_keys", code=error.code, field=error.field)
         raise _in_field("envelope", error) from None
     return Upload(kind, signed.document, signed)
 
 
-def _verification_keys(unverified_body: Mapping[str, Any],
-                       trusted_keys: tuple[bytes, ...]) -> tuple[bytes, ...]:
-    public_key = require_str(unverified_body, "public_key", optional=True)
-    if trusted_keys:
-        if public_key is not None:
-            raise RequestError("invalid-field", "this server verifies signed policies with its "
-                               "configured keys; leave out 'public_key'", field="public_key")
-        return trusted_keys
-    if public_key is None:
+def _verification_keys(unverified_body: Mapping[str, Any], api: PolicyApi) -> tuple[bytes, ...]:
+    """Return the PEM keys to verify an envelope with: the trusted keys, or the request's."""
+    unverified_pem = require_str(unverified_body, "public_key", optional=True)
+    if unverified_pem is None:
+        if api.trusted_keys:
+            return api.trusted_keys
         raise RequestError("missing-field", "a signed policy needs 'public_key', the PEM public "
                            "key to verify its envelope with", field="public_key")
-    return (public_key.encode(),)
+
+    try:
+        public_key = load_public_key(unverified_pem.encode())
+    except PolicyError as error:
+        raise PolicyError(error.message, code=SIGNING_KEY_INVALID, field="public_key") from None
+    if not api.trusted_keys:
+        return (_spki_pem(public_key),)
+
+    trusted = api.trusted_key(key_id(public_key))
+    if trusted is None:
+        raise RequestError(
+            "policy-signing-key-not-trusted",
+            f"public key {key_id(public_key)} is not one of the {len(api.trusted_keys)} keys "
+            "of the server's setting policy_signing_keys; sign the policy with one of them, or "
+            "leave out 'public_key' to verify with all of them", field="public_key",
+        )
+    return (trusted,)
 
 
 def _in_field(prefix: str, error: PolicyError) -> PolicyError:
@@ -190,7 +297,14 @@ def update_policy(name: str) -> Response:
 
 
 def _store(name: str, *, expect: Any) -> Response:
-    upload = parse_upload(json_body(), _api().trusted_keys)
+    try:
+        upload = parse_upload(json_body(), _api())
+    except (PolicyError, RequestError) as error:
+        if error.code in _SIGNATURE_REJECTIONS:
+            identity = current_identity()
+            log.warning("rejected the upload of policy %r by token %s: %s: %s", name[:80],
+                        identity.name if identity else "(none)", error.code, error.message)
+        raise
 
     try:
         with transaction(services().sessions) as session:

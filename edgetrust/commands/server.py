@@ -22,7 +22,7 @@ from edgetrust.db import (
     make_engine,
     upgrade,
 )
-from edgetrust.settings import Settings
+from edgetrust.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from edgetrust.commands.poll import EmbeddedPoller
@@ -47,6 +47,8 @@ def serve_command(config_file: Path | None, host: str | None, port: int | None) 
         app = create_app(settings, engine=engine)
     except TrustStoreError as exc:
         raise click.ClickException(f"{exc.message} (setting ek_ca_dir)") from exc
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
     log.info("serving on http://%s:%d with database %s", settings.listen_host,
              settings.listen_port, engine.url.render_as_string(hide_password=True))
     # The poller of the worker process, filled in by post_fork in the worker after the fork.

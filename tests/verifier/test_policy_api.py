@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,17 +16,17 @@ from typing import Any
 import pytest
 import requests
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import Engine, func, select, text
 
 from edgetrust.app import create_app
 from edgetrust.db import make_session_factory, transaction
-from edgetrust.settings import Settings
+from edgetrust.settings import Settings, SettingsError
+from policies import dsse
 from policies.dsse import sign_envelope
 from policies.runtime import empty_policy_document
 from tests.support.server import serving
 from verifier import policy_store
-from verifier.policy_api import PolicyApi
 from verifier.policy_models import Policy, PolicyContent, PolicyVersion
 from verifier.tokens import Scope, create_token
 
@@ -88,21 +91,31 @@ class Api:
             return connection.scalar(select(func.count()).select_from(table)) or 0
 
 
+def make_app(engine: Engine, data_dir: Path, **settings: Any) -> Any:
+    return create_app(Settings(data_dir=data_dir, ek_ca_dir=data_dir / "ek-ca", **settings),
+                      engine=engine)
+
+
+@contextmanager
+def serving_api(app: Any, engine: Engine) -> Iterator[Api]:
+    policy_store.COMPILED_POLICIES.clear()
+    now = datetime.now(UTC)
+    with transaction(make_session_factory(engine)) as session:
+        _admin, admin_token = create_token(session, "policy-admin", Scope.ADMIN, now=now)
+        _reader, read_token = create_token(session, "policy-reader", Scope.READ, now=now)
+    with serving(app) as server:
+        yield Api(server.url, engine, admin_token, read_token)
+
+
 @pytest.fixture
 def app(migrated_engine: Engine, tmp_path: Path) -> Any:
-    settings = Settings(data_dir=tmp_path, ek_ca_dir=tmp_path / "ek-ca")
-    return create_app(settings, engine=migrated_engine)
+    return make_app(migrated_engine, tmp_path)
 
 
 @pytest.fixture
 def api(app: Any, migrated_engine: Engine) -> Iterator[Api]:
-    policy_store.COMPILED_POLICIES.clear()
-    now = datetime.now(UTC)
-    with transaction(make_session_factory(migrated_engine)) as session:
-        _admin, admin_token = create_token(session, "policy-admin", Scope.ADMIN, now=now)
-        _reader, read_token = create_token(session, "policy-reader", Scope.READ, now=now)
-    with serving(app) as server:
-        yield Api(server.url, migrated_engine, admin_token, read_token)
+    with serving_api(app, migrated_engine) as api:
+        yield api
 
 
 def error_of(response: requests.Response) -> dict[str, Any]:
@@ -282,24 +295,6 @@ def test_signed_upload_needs_public_key(api: Api) -> None:
     assert error_of(response)["field"] == "public_key"
 
 
-def test_configured_keys_verify_uploads(app: Any, api: Api) -> None:
-    app.extensions["edgetrust"].extras["policies"] = PolicyApi(
-        trusted_keys=(public_pem(OTHER_KEY).encode(), public_pem().encode())
-    )
-    upload = signed_upload(runtime_policy())
-    del upload["public_key"]
-
-    trusted = api.post("signed", upload)
-    with_key = api.post("other", signed_upload(runtime_policy()))
-    untrusted = api.post("untrusted", {**signed_upload(runtime_policy(), ec.generate_private_key(
-        ec.SECP256R1())), "public_key": None})
-
-    assert trusted.status_code == 201
-    assert with_key.status_code == 400
-    assert error_of(with_key)["field"] == "public_key"
-    assert untrusted.status_code == 403
-
-
 def test_signed_payload_errors_name_field(api: Api) -> None:
     document = runtime_policy()
     document["excludes"] = ["*"]
@@ -309,6 +304,306 @@ def test_signed_payload_errors_name_field(api: Api) -> None:
     assert response.status_code == 400
     assert error_of(response)["code"] == "policy-exclude-invalid"
     assert error_of(response)["field"] == "envelope.payload.excludes[0]"
+
+
+# --- Trusted signing keys (setting policy_signing_keys) ---------------------------------------
+
+
+def write_public_key(directory: Path, key: ec.EllipticCurvePrivateKey = SIGNING_KEY,
+                     name: str = "policy-signing.pub") -> Path:
+    path = directory / name
+    path.write_text(public_pem(key))
+    return path
+
+
+def rsa_public_pem() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def key_id_of(key: ec.EllipticCurvePrivateKey) -> str:
+    return dsse.key_id(key.public_key())
+
+
+@pytest.fixture
+def trusted_api(migrated_engine: Engine, tmp_path: Path) -> Iterator[Api]:
+    """The API with SIGNING_KEY as its only trusted policy signing key."""
+    app = make_app(migrated_engine, tmp_path,
+                   policy_signing_keys=[str(write_public_key(tmp_path))])
+    with serving_api(app, migrated_engine) as api:
+        yield api
+
+
+@pytest.fixture
+def signed_only_api(migrated_engine: Engine, tmp_path: Path) -> Iterator[Api]:
+    """The API with SIGNING_KEY trusted and policy_require_signature set."""
+    app = make_app(migrated_engine, tmp_path, policy_require_signature=True,
+                   policy_signing_keys=[str(write_public_key(tmp_path))])
+    with serving_api(app, migrated_engine) as api:
+        yield api
+
+
+def test_trusted_key_verifies_upload(trusted_api: Api) -> None:
+    upload = signed_upload(runtime_policy())
+    del upload["public_key"]
+
+    response = trusted_api.post("signed", upload)
+
+    assert response.status_code == 201, response.text
+    assert response.json()["signed_by"] == key_id_of(SIGNING_KEY)
+    assert trusted_api.get("signed").json()["envelope"] == upload["envelope"]
+
+
+def test_trusted_key_may_be_named(trusted_api: Api) -> None:
+    response = trusted_api.post("signed", signed_upload(runtime_policy()))
+
+    assert response.status_code == 201, response.text
+    assert response.json()["signed_by"] == key_id_of(SIGNING_KEY)
+
+
+def test_trusted_keys_from_several_files(migrated_engine: Engine, tmp_path: Path) -> None:
+    paths = [str(write_public_key(tmp_path, OTHER_KEY, "other.pub")),
+             str(write_public_key(tmp_path))]
+    app = make_app(migrated_engine, tmp_path, policy_signing_keys=paths)
+    upload = signed_upload(runtime_policy())
+    del upload["public_key"]
+
+    with serving_api(app, migrated_engine) as api:
+        response = api.post("signed", upload)
+
+    assert response.status_code == 201, response.text
+    assert response.json()["signed_by"] == key_id_of(SIGNING_KEY)
+
+
+def test_other_key_rejected(trusted_api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    upload = signed_upload(runtime_policy(), OTHER_KEY)
+    del upload["public_key"]
+
+    with caplog.at_level(logging.WARNING, logger="verifier.policy_api"):
+        response = trusted_api.post("signed", upload)
+
+    assert response.status_code == 403
+    error = error_of(response)
+    assert error["code"] == "dsse-signature-invalid"
+    assert error["field"] == "envelope.signatures"
+    assert "policy_signing_keys" in error["message"]
+    assert trusted_api.count(Policy) == 0
+    assert "policy-admin" in caplog.text
+    assert "dsse-signature-invalid" in caplog.text
+
+
+def test_other_public_key_rejected(trusted_api: Api) -> None:
+    # The envelope verifies with the key in the request, but the server does not trust that key.
+    response = trusted_api.post("signed", signed_upload(runtime_policy(), OTHER_KEY))
+
+    assert response.status_code == 403
+    error = error_of(response)
+    assert error["code"] == "policy-signing-key-not-trusted"
+    assert error["field"] == "public_key"
+    assert key_id_of(OTHER_KEY) in error["message"]
+    assert trusted_api.count(Policy) == 0
+
+
+def test_trusted_public_key_must_have_signed(trusted_api: Api) -> None:
+    # Naming a trusted key does not help an envelope that another key signed.
+    upload = signed_upload(runtime_policy(), OTHER_KEY, public_key=public_pem(SIGNING_KEY))
+
+    response = trusted_api.post("signed", upload)
+
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "dsse-signature-invalid"
+    assert error_of(response)["field"] == "envelope.signatures"
+    assert trusted_api.count(Policy) == 0
+
+
+def tampered_payload(upload: dict[str, Any]) -> dict[str, Any]:
+    document = json.loads(base64.b64decode(upload["envelope"]["payload"]))
+    document["digests"]["/usr/bin/evil"] = ["ab" * 32]
+    payload = base64.b64encode(json.dumps(document).encode()).decode()
+    return {**upload, "envelope": {**upload["envelope"], "payload": payload}}
+
+
+def tampered_payload_type(upload: dict[str, Any]) -> dict[str, Any]:
+    return {**upload, "envelope": {**upload["envelope"], "payloadType": "application/json"}}
+
+
+def tampered_signature(upload: dict[str, Any]) -> dict[str, Any]:
+    signature = dict(upload["envelope"]["signatures"][0])
+    raw = bytearray(base64.b64decode(signature["sig"]))
+    raw[-1] ^= 0x01
+    signature["sig"] = base64.b64encode(bytes(raw)).decode()
+    return {**upload, "envelope": {**upload["envelope"], "signatures": [signature]}}
+
+
+@pytest.mark.parametrize("tamper", [tampered_payload, tampered_payload_type, tampered_signature])
+def test_tampered_envelope_rejected(trusted_api: Api, tamper: Any) -> None:
+    upload = signed_upload(runtime_policy())
+    del upload["public_key"]
+
+    response = trusted_api.post("signed", tamper(upload))
+
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "dsse-signature-invalid"
+    assert error_of(response)["field"] == "envelope.signatures"
+    assert trusted_api.count(Policy) == 0
+
+
+INVALID_PUBLIC_KEYS = [
+    # (public_key, code)
+    ("not a PEM key", "signing-key-invalid"),
+    (rsa_public_pem(), "signing-key-invalid"),
+    (42, "invalid-field"),
+]
+
+
+def check_invalid_public_keys(api: Api) -> None:
+    for public_key, code in INVALID_PUBLIC_KEYS:
+        response = api.post("signed", {**signed_upload(runtime_policy()), "public_key": public_key})
+
+        assert response.status_code == 400, public_key
+        assert error_of(response)["code"] == code, public_key
+        assert error_of(response)["field"] == "public_key", public_key
+        assert api.count(Policy) == 0
+
+
+def test_invalid_public_key_names_field(api: Api) -> None:
+    check_invalid_public_keys(api)
+
+
+def test_invalid_trusted_public_key_names_field(trusted_api: Api) -> None:
+    check_invalid_public_keys(trusted_api)
+
+
+def test_unsigned_policy_allowed_by_default(trusted_api: Api) -> None:
+    response = trusted_api.post("fleet", {"kind": "pcr", "policy": pcr_policy()})
+
+    assert response.status_code == 201
+    assert response.json()["signed_by"] is None
+
+
+def test_require_signature_rejects_unsigned(signed_only_api: Api) -> None:
+    response = signed_only_api.post("fleet", {"kind": "pcr", "policy": pcr_policy()})
+
+    assert response.status_code == 403
+    error = error_of(response)
+    assert error["code"] == "policy-not-signed"
+    assert error["field"] == "policy"
+    assert "envelope" in error["message"]
+    assert signed_only_api.count(Policy) == 0
+
+
+def test_require_signature_accepts_signed(signed_only_api: Api) -> None:
+    upload = signed_upload(runtime_policy())
+    del upload["public_key"]
+
+    response = signed_only_api.post("signed", upload)
+
+    assert response.status_code == 201, response.text
+    assert response.json()["signed_by"] == key_id_of(SIGNING_KEY)
+
+
+def test_require_signature_needs_keys(migrated_engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="policy_require_signature is true but "
+                                            "policy_signing_keys is empty"):
+        make_app(migrated_engine, tmp_path, policy_require_signature=True)
+
+
+UNUSABLE_KEY_FILES = [
+    # (file content, or None for a missing file; expected message)
+    (None, "cannot read the policy signing key"),
+    ("", "cannot be used: public key is not a PEM public key"),
+    ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "cannot be used"),
+    (private_pem().decode(), "is a private key; give its public key"),
+    (rsa_public_pem(), "cannot be used: public key is RSAPublicKey, expected an EC (ECDSA) key"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), UNUSABLE_KEY_FILES)
+def test_unusable_key_file_stops_app(migrated_engine: Engine, tmp_path: Path,
+                                     content: str | None, message: str) -> None:
+    path = tmp_path / "policy-signing.pub"
+    if content is not None:
+        path.write_text(content)
+
+    with pytest.raises(SettingsError) as caught:
+        make_app(migrated_engine, tmp_path, policy_signing_keys=[str(path)])
+
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
+    assert "(setting policy_signing_keys)" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_key_directory_stops_app(migrated_engine: Engine, tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="cannot read the policy signing key .*Is a directory"):
+        make_app(migrated_engine, tmp_path, policy_signing_keys=[str(tmp_path)])
+
+
+def test_serve_reports_unreadable_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+    from edgetrust.commands import server
+
+    def run_gunicorn(*_arguments: Any, **_options: Any) -> None:
+        raise AssertionError("serve started the server despite an unreadable policy signing key")
+
+    monkeypatch.setattr(server, "run_gunicorn", run_gunicorn)
+    missing = tmp_path / "absent.pub"
+    environment = {"EDGETRUST_DATA_DIR": str(tmp_path), "EDGETRUST_DATABASE_URL": None,
+                   "EDGETRUST_CONFIG": None, "EDGETRUST_POLICY_SIGNING_KEYS": str(missing)}
+
+    result = CliRunner().invoke(main, ["serve"], env=environment)
+
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.output.strip().splitlines()
+    assert lines[-1] == (f"Error: cannot read the policy signing key {missing}: No such file or "
+                         "directory (setting policy_signing_keys)")
+    assert "Traceback" not in result.output
+
+
+def test_empty_setting_warns_once(migrated_engine: Engine, tmp_path: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="verifier.policy_api"):
+        make_app(migrated_engine, tmp_path)
+
+    warnings = [record for record in caplog.records
+                if record.name == "verifier.policy_api" and record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "policy_signing_keys is empty" in warnings[0].getMessage()
+
+
+def test_trusted_keys_logged_without_warning(migrated_engine: Engine, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="verifier.policy_api"):
+        make_app(migrated_engine, tmp_path, policy_signing_keys=[str(write_public_key(tmp_path))])
+
+    records = [record for record in caplog.records if record.name == "verifier.policy_api"]
+    assert [record.levelno for record in records] == [logging.INFO]
+    assert key_id_of(SIGNING_KEY) in records[0].getMessage()
+
+
+def test_empty_setting_keeps_request_key(api: Api) -> None:
+    response = api.post("signed", signed_upload(runtime_policy(), OTHER_KEY))
+
+    assert response.status_code == 201, response.text
+    assert response.json()["signed_by"] == key_id_of(OTHER_KEY)
+
+
+def test_cli_upload_to_trusted_server(trusted_api: Api, tmp_path: Path) -> None:
+    envelope_file = tmp_path / "signed.json"
+    envelope_file.write_text(json.dumps(signed_upload(runtime_policy())["envelope"]))
+
+    without_key = run_cli(trusted_api, "upload", "signed", str(envelope_file), "--kind", "runtime")
+    with_key = run_cli(trusted_api, "upload", "signed", str(envelope_file), "--kind", "runtime",
+                       "--public-key", str(write_public_key(tmp_path, name="cli.pub")))
+
+    assert without_key.exit_code == 0, without_key.output
+    assert "version 1" in without_key.output
+    assert with_key.exit_code == 0, with_key.output
+    assert "unchanged, still version 1" in with_key.output
 
 
 # --- Validation errors ------------------------------------------------------------------------
