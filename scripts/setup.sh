@@ -10,6 +10,7 @@ debian_packages=(
     swtpm swtpm-tools          # software TPM 2.0 for the emulated device and the tests
     tpm2-tools                 # independent TPM implementation the tests compare against
     libtss2-dev pkg-config     # TPM software stack that tpm2-pytss builds against
+    gcc libssl-dev             # the native IMA fast paths (evidence/ima/_accel.c) link libcrypto
     postgresql-15              # the scale-out database, started privately by the tests
     docker-registry            # OCI registry for image-signature tests
     python3-gpg libefivar1     # needed by Keylime, the reference the tests compare against

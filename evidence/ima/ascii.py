@@ -29,6 +29,7 @@ from evidence.ima.entry import (
     ImaEntry,
     ImaMeasurementList,
 )
+from evidence.ima.native import accel
 from evidence.ima.template_data import (
     LEGACY_DIGEST_SIZE,
     U32,
@@ -52,6 +53,13 @@ _D_NG_PREFIXES = {
     )
     for algorithm, size in KERNEL_DIGEST_SIZES.items()
 }
+
+# The same table in the shape the native parser takes: algorithm name, template data prefix,
+# digest size and shared name.
+_D_NG_TABLE = tuple(
+    (algorithm.encode(), prefix, hex_length // 2, name)
+    for algorithm, (prefix, hex_length, name) in _D_NG_PREFIXES.items()
+)
 
 _SPLIT_LINE_HINT = "a file name that contains a newline splits its entry over two lines"
 
@@ -101,6 +109,10 @@ def parse_ascii_list(
     ``ima.log_hash_alg``); without it the length of the first line's column decides.
     Raises ImaParseError naming the line of the first malformed entry.
     """
+    if accel is not None:
+        unverified_data = _native_input(unverified_text)
+        if unverified_data is not None:
+            return _parse_ascii_natively(unverified_data, start_index, template_hash_algorithm)
     if isinstance(unverified_text, bytes):
         unverified_text = decode_list_text(unverified_text)
     return parse_ascii_lines(
@@ -179,6 +191,57 @@ def parse_ascii_lines(
                         f"line {line_number}: {error.message}", code=error.code, line=line_number
                     ) from None
             append(entry)
+    return ImaMeasurementList(tuple(entries), start_index, algorithm, "ascii")
+
+
+def _native_input(unverified_text: str | bytes) -> bytes | None:
+    """Return the list as the bytes the native parser reads, or None for text it cannot take.
+
+    Text with lone surrogates has no UTF-8 form; the Python parser handles it.
+    """
+    if isinstance(unverified_text, bytes):
+        return unverified_text
+    try:
+        return unverified_text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
+def _parse_ascii_natively(
+    unverified_data: bytes, start_index: int, template_hash_algorithm: str | None
+) -> ImaMeasurementList:
+    """Parse like ``parse_ascii_lines`` over the lines of ``unverified_data``, letting the
+    native parser take every canonical ima-ng line and ``_parse_line`` every other one."""
+    assert accel is not None
+    newline = unverified_data.find(b"\n")
+    first_line = unverified_data if newline < 0 else unverified_data[:newline]
+    algorithm = template_hash_algorithm or _infer_template_hash_algorithm(
+        [decode_list_text(first_line)] if unverified_data else []
+    )
+    template_hash_size = template_hash_size_of(algorithm)
+
+    entries: list[ImaEntry] = []
+    position = 0
+    size = len(unverified_data)
+    with _collection_paused():
+        while position < size:
+            position = accel.parse_ima_ng(
+                unverified_data, position, start_index + len(entries), template_hash_size,
+                ImaEntry, TEMPLATE_IMA_NG, _D_NG_TABLE, entries,
+            )
+            if position >= size:
+                break
+            newline = unverified_data.find(b"\n", position)
+            line_end = size if newline < 0 else newline
+            line = decode_list_text(unverified_data[position:line_end])
+            line_number = len(entries) + 1
+            try:
+                entries.append(_parse_line(line, start_index + len(entries), template_hash_size))
+            except ImaParseError as error:
+                raise ImaParseError(
+                    f"line {line_number}: {error.message}", code=error.code, line=line_number
+                ) from None
+            position = line_end + 1
     return ImaMeasurementList(tuple(entries), start_index, algorithm, "ascii")
 
 

@@ -14,6 +14,7 @@ from evidence.ima.checks import (
     template_hash_findings,
 )
 from evidence.ima.entry import IMA_PCR, TEMPLATE_IMA_BUF, ImaEntry, ImaMeasurementList
+from evidence.ima.native import accel
 from evidence.ima.replay import ImaReplayState, replay_pcr10
 
 
@@ -186,6 +187,11 @@ def _scan_and_replay(
 
     One pass does all of it because the loop itself costs as much as one of its hashes.
     """
+    if accel is not None:
+        prefixes, final, mismatched, violations, other_pcr, buffers = accel.replay(
+            entries, bank, initial, quoted, template_hash_algorithm
+        )
+        return _Scan(set(prefixes), final, mismatched, violations, other_pcr, buffers)
     check_hash = bank_hash(template_hash_algorithm)
     new_hash = bank_hash(bank)
     reuse_measurement = template_hash_algorithm == bank
@@ -261,6 +267,9 @@ def _matching_prefixes(
 ) -> tuple[set[int], bytes]:
     """Replay ``entries`` into PCR 10 of ``bank``; return the prefix lengths whose value
     equals ``quoted``, and the value after all entries."""
+    if accel is not None:
+        prefixes, final, *_ = accel.replay(entries, bank, initial, quoted, None)
+        return set(prefixes), final
     new_hash = bank_hash(bank)
     violation_extend = b"\xff" * BANK_DIGEST_SIZES[bank]
     value = initial

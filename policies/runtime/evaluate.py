@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from evidence.findings import Finding, Severity
+from evidence.ima.native import accel
 from policies.errors import PolicyError
 from policies.imasig import (
     VerificationKey,
@@ -47,7 +48,7 @@ from policies.imasig import (
     try_load_buffer_key,
     verify_ima_signature,
 )
-from policies.runtime.compiled import RuntimePolicy, digest_allowed
+from policies.runtime.compiled import ReadOnlyDigestTable, RuntimePolicy, digest_allowed
 from policies.runtime.keyrings import EMPTY_KEYRING_STATE, KeyringState, LearnedKey
 
 # Finding codes.
@@ -142,6 +143,13 @@ def evaluate_incremental(
     excluded = policy.exclude_matcher.matches
     check_boot_aggregate = boot_aggregates is not None
 
+    native = accel is not None and isinstance(entries, (list, tuple))
+    if native and type(digests) in (dict, ReadOnlyDigestTable):
+        assert accel is not None
+        # The native loop passes the listed entries; the loop below checks the rest again.
+        entries = accel.unlisted_entries(
+            entries, digests, _ZERO_TEMPLATE_HASHES, BOOT_AGGREGATE if check_boot_aggregate else None
+        )
     for entry in entries:
         template = entry.template
         # Fast path for the bulk of a list: a file entry whose digest is listed for its path.

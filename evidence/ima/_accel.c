@@ -1,0 +1,617 @@
+/*
+ * Native fast paths for IMA measurement lists: parsing canonical ima-ng lines of the ASCII
+ * form, and replaying entries into PCR 10 with the template-hash check.
+ *
+ * Both functions mirror Python code that stays the reference (evidence/ima/ascii.py and
+ * evidence/ima/verification.py) and that the tests compare them with on random and mutated
+ * input. The parser accepts only lines that the Python fast path accepts and builds the same
+ * ImaEntry tuple; at any other line it stops and returns that line's offset, so the Python
+ * parser reports or accepts it. Every read is bounded by the end of the current line.
+ *
+ * Hashes come from OpenSSL's libcrypto, the library that hashlib and cryptography use.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <openssl/evp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ENTRY_FIELDS 10
+#define IMA_PCR 10
+#define MAX_DIGEST 64
+
+/* Lowercase hexadecimal digit values; -1 for every other byte, uppercase included. */
+static signed char hex_value[256];
+
+static void init_hex_table(void)
+{
+    memset(hex_value, -1, sizeof(hex_value));
+    for (int digit = 0; digit < 10; digit++)
+        hex_value['0' + digit] = (signed char)digit;
+    for (int digit = 0; digit < 6; digit++)
+        hex_value['a' + digit] = (signed char)(10 + digit);
+}
+
+/* Decode 2 * size lowercase hex digits into size bytes; return 0 on any other character.
+ * A bad digit makes `invalid` negative; checking it once at the end keeps the loop free of
+ * branches. */
+static int decode_hex(const unsigned char *text, Py_ssize_t size, unsigned char *out)
+{
+    int invalid = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        int high = hex_value[text[2 * i]];
+        int low = hex_value[text[2 * i + 1]];
+        invalid |= high | low;
+        out[i] = (unsigned char)((high << 4) | low);
+    }
+    return invalid >= 0;
+}
+
+/* The PCR column as the Python fast path accepts it: "0" to "23" without leading zeros. */
+static int parse_pcr(const unsigned char *text, Py_ssize_t length)
+{
+    if (length == 1 && text[0] >= '0' && text[0] <= '9')
+        return text[0] - '0';
+    if (length == 2 && text[0] >= '1' && text[0] <= '2' && text[1] >= '0' && text[1] <= '9') {
+        int pcr = (text[0] - '0') * 10 + (text[1] - '0');
+        return pcr <= 23 ? pcr : -1;
+    }
+    return -1;
+}
+
+/* One row of the d-ng table the caller passes: algorithm name, the template data prefix
+ * (u32 length of the d-ng field and "<algorithm>:\0"), and the shared name string. */
+typedef struct {
+    const char *algorithm;
+    Py_ssize_t algorithm_length;
+    const char *prefix;
+    Py_ssize_t prefix_length;
+    Py_ssize_t digest_size;
+    PyObject *name;
+} DigestKind;
+
+#define MAX_DIGEST_KINDS 64
+
+static int load_digest_kinds(PyObject *table, DigestKind *kinds, Py_ssize_t *count)
+{
+    if (!PyTuple_Check(table) || PyTuple_GET_SIZE(table) > MAX_DIGEST_KINDS) {
+        PyErr_SetString(PyExc_TypeError, "d-ng table must be a tuple of at most 64 rows");
+        return 0;
+    }
+    *count = PyTuple_GET_SIZE(table);
+    for (Py_ssize_t i = 0; i < *count; i++) {
+        PyObject *row = PyTuple_GET_ITEM(table, i);
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 4
+            || !PyBytes_Check(PyTuple_GET_ITEM(row, 0)) || !PyBytes_Check(PyTuple_GET_ITEM(row, 1))
+            || !PyLong_Check(PyTuple_GET_ITEM(row, 2)) || !PyUnicode_Check(PyTuple_GET_ITEM(row, 3))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "d-ng table rows must be (algorithm bytes, prefix bytes, size int, name str)");
+            return 0;
+        }
+        kinds[i].algorithm = PyBytes_AS_STRING(PyTuple_GET_ITEM(row, 0));
+        kinds[i].algorithm_length = PyBytes_GET_SIZE(PyTuple_GET_ITEM(row, 0));
+        kinds[i].prefix = PyBytes_AS_STRING(PyTuple_GET_ITEM(row, 1));
+        kinds[i].prefix_length = PyBytes_GET_SIZE(PyTuple_GET_ITEM(row, 1));
+        kinds[i].digest_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(row, 2));
+        if (kinds[i].digest_size < 0 || kinds[i].digest_size > MAX_DIGEST) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "d-ng table digest size out of range");
+            return 0;
+        }
+        kinds[i].name = PyTuple_GET_ITEM(row, 3);
+    }
+    return 1;
+}
+
+static const DigestKind *find_digest_kind(const DigestKind *kinds, Py_ssize_t count,
+                                          const unsigned char *algorithm, Py_ssize_t length)
+{
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (kinds[i].algorithm_length == length && memcmp(kinds[i].algorithm, algorithm, length) == 0)
+            return &kinds[i];
+    }
+    return NULL;
+}
+
+/* Build one ImaEntry from a canonical ima-ng line, or return NULL without an exception set
+ * when the line is not canonical. */
+static PyObject *parse_line(PyTypeObject *entry_type, PyObject *template_name,
+                            const DigestKind *kinds, Py_ssize_t kind_count,
+                            Py_ssize_t template_hash_size, Py_ssize_t index,
+                            const unsigned char *line, const unsigned char *line_end)
+{
+    static const char TEMPLATE_FIELD[] = "ima-ng ";
+    const Py_ssize_t template_field_length = sizeof(TEMPLATE_FIELD) - 1;
+
+    /* <pcr> */
+    const unsigned char *space = memchr(line, ' ', line_end - line);
+    if (space == NULL)
+        return NULL;
+    int pcr = parse_pcr(line, space - line);
+    if (pcr < 0)
+        return NULL;
+
+    /* <template-hash> */
+    const unsigned char *cursor = space + 1;
+    Py_ssize_t hex_length = 2 * template_hash_size;
+    unsigned char template_hash[MAX_DIGEST];
+    if (line_end - cursor <= hex_length || cursor[hex_length] != ' '
+        || !decode_hex(cursor, template_hash_size, template_hash))
+        return NULL;
+    cursor += hex_length + 1;
+
+    /* ima-ng */
+    if (line_end - cursor < template_field_length
+        || memcmp(cursor, TEMPLATE_FIELD, template_field_length) != 0)
+        return NULL;
+    cursor += template_field_length;
+
+    /* <algorithm>:<digest> */
+    const unsigned char *digest_end = memchr(cursor, ' ', line_end - cursor);
+    if (digest_end == NULL)
+        return NULL;
+    const unsigned char *colon = memchr(cursor, ':', digest_end - cursor);
+    if (colon == NULL)
+        return NULL;
+    const DigestKind *kind = find_digest_kind(kinds, kind_count, cursor, colon - cursor);
+    if (kind == NULL || digest_end - (colon + 1) != 2 * kind->digest_size)
+        return NULL;
+    const unsigned char *digest_hex = colon + 1;
+
+    /* <name>: the rest of the line, UTF-8 without NUL bytes. */
+    const unsigned char *name = digest_end + 1;
+    Py_ssize_t name_length = line_end - name;
+    if (memchr(name, '\0', name_length) != NULL)
+        return NULL;
+    if (name_length + 1 > (Py_ssize_t)UINT32_MAX)
+        return NULL;
+
+    Py_ssize_t digest_offset = kind->prefix_length;
+    Py_ssize_t name_offset = digest_offset + kind->digest_size + 4;
+    PyObject *template_data = PyBytes_FromStringAndSize(NULL, name_offset + name_length + 1);
+    if (template_data == NULL)
+        return NULL;
+    unsigned char *data = (unsigned char *)PyBytes_AS_STRING(template_data);
+    memcpy(data, kind->prefix, kind->prefix_length);
+    if (!decode_hex(digest_hex, kind->digest_size, data + digest_offset)) {
+        Py_DECREF(template_data);
+        return NULL;
+    }
+    uint32_t name_field_length = (uint32_t)(name_length + 1);
+    unsigned char *length_field = data + digest_offset + kind->digest_size;
+    length_field[0] = (unsigned char)(name_field_length & 0xff);
+    length_field[1] = (unsigned char)((name_field_length >> 8) & 0xff);
+    length_field[2] = (unsigned char)((name_field_length >> 16) & 0xff);
+    length_field[3] = (unsigned char)((name_field_length >> 24) & 0xff);
+    memcpy(data + name_offset, name, name_length);
+    data[name_offset + name_length] = '\0';
+
+    PyObject *path = PyUnicode_DecodeUTF8((const char *)name, name_length, NULL);
+    if (path == NULL) {
+        Py_DECREF(template_data);
+        if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            PyErr_Clear();
+        }
+        return NULL;
+    }
+
+    PyObject *entry = NULL;
+    PyObject *index_object = PyLong_FromSsize_t(index);
+    PyObject *pcr_object = PyLong_FromLong(pcr);
+    PyObject *hash_object = PyBytes_FromStringAndSize((const char *)template_hash, template_hash_size);
+    PyObject *digest = PyBytes_FromStringAndSize((const char *)data + digest_offset, kind->digest_size);
+    if (index_object == NULL || pcr_object == NULL || hash_object == NULL || digest == NULL)
+        goto failed;
+    entry = entry_type->tp_alloc(entry_type, ENTRY_FIELDS);
+    if (entry == NULL)
+        goto failed;
+    Py_INCREF(template_name);
+    Py_INCREF(kind->name);
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    PyTuple_SET_ITEM(entry, 0, index_object);
+    PyTuple_SET_ITEM(entry, 1, pcr_object);
+    PyTuple_SET_ITEM(entry, 2, hash_object);
+    PyTuple_SET_ITEM(entry, 3, template_name);
+    PyTuple_SET_ITEM(entry, 4, kind->name);
+    PyTuple_SET_ITEM(entry, 5, digest);
+    PyTuple_SET_ITEM(entry, 6, path);
+    PyTuple_SET_ITEM(entry, 7, Py_None);
+    PyTuple_SET_ITEM(entry, 8, Py_None);
+    PyTuple_SET_ITEM(entry, 9, template_data);
+    /* Bytes, strings, integers and None cannot form reference cycles, so the cyclic
+     * collector need never visit the entry; CPython untracks plain tuples like it lazily. */
+    PyObject_GC_UnTrack(entry);
+    return entry;
+
+failed:
+    Py_XDECREF(index_object);
+    Py_XDECREF(pcr_object);
+    Py_XDECREF(hash_object);
+    Py_XDECREF(digest);
+    Py_DECREF(path);
+    Py_DECREF(template_data);
+    return NULL;
+}
+
+PyDoc_STRVAR(parse_ima_ng_doc,
+"parse_ima_ng(data, position, first_index, template_hash_size, entry_type, template,\n"
+"             d_ng_table, entries) -> int\n\n"
+"Parse canonical ima-ng lines of data from byte offset position on, appending an\n"
+"entry_type tuple for each to the list entries; the first one gets index first_index.\n"
+"Return the offset of the first line that is not canonical, or len(data).");
+
+static PyObject *parse_ima_ng(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *data_object, *entry_type_object, *template_name, *table, *entries;
+    Py_ssize_t position, first_index, template_hash_size;
+    if (!PyArg_ParseTuple(args, "SnnnO!UO!O!", &data_object, &position, &first_index,
+                          &template_hash_size, &PyType_Type, &entry_type_object, &template_name,
+                          &PyTuple_Type, &table, &PyList_Type, &entries))
+        return NULL;
+
+    PyTypeObject *entry_type = (PyTypeObject *)entry_type_object;
+    if (!PyType_IsSubtype(entry_type, &PyTuple_Type) || entry_type->tp_dictoffset != 0) {
+        PyErr_SetString(PyExc_TypeError, "entry_type must be a tuple subclass without __dict__");
+        return NULL;
+    }
+    if (template_hash_size <= 0 || template_hash_size > MAX_DIGEST) {
+        PyErr_SetString(PyExc_ValueError, "template_hash_size must be from 1 to 64");
+        return NULL;
+    }
+    DigestKind kinds[MAX_DIGEST_KINDS];
+    Py_ssize_t kind_count;
+    if (!load_digest_kinds(table, kinds, &kind_count))
+        return NULL;
+
+    const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(data_object);
+    Py_ssize_t size = PyBytes_GET_SIZE(data_object);
+    if (position < 0 || position > size) {
+        PyErr_SetString(PyExc_ValueError, "position is outside data");
+        return NULL;
+    }
+
+    Py_ssize_t index = first_index;
+    while (position < size) {
+        const unsigned char *line = base + position;
+        const unsigned char *newline = memchr(line, '\n', size - position);
+        const unsigned char *line_end = newline != NULL ? newline : base + size;
+        PyObject *entry = parse_line(entry_type, template_name, kinds, kind_count,
+                                     template_hash_size, index, line, line_end);
+        if (entry == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            break;
+        }
+        int appended = PyList_Append(entries, entry);
+        Py_DECREF(entry);
+        if (appended < 0)
+            return NULL;
+        index++;
+        position = (line_end - base) + 1;
+    }
+    if (position > size)
+        position = size;
+    return PyLong_FromSsize_t(position);
+}
+
+/* ---- Replay ------------------------------------------------------------------------------ */
+
+typedef struct {
+    const EVP_MD *md;
+    const char *name;
+    int size;
+} Bank;
+
+static Bank banks[] = {
+    {NULL, "sha1", 20},
+    {NULL, "sha256", 32},
+    {NULL, "sha384", 48},
+    {NULL, "sha512", 64},
+};
+#define BANK_COUNT ((Py_ssize_t)(sizeof(banks) / sizeof(banks[0])))
+
+static const Bank *find_bank(PyObject *name)
+{
+    for (Py_ssize_t i = 0; i < BANK_COUNT; i++) {
+        if (PyUnicode_CompareWithASCIIString(name, banks[i].name) == 0)
+            return &banks[i];
+    }
+    return NULL;
+}
+
+static int digest_into(EVP_MD_CTX *context, const Bank *bank, const void *first, size_t first_length,
+                       const void *second, size_t second_length, unsigned char *out)
+{
+    if (!EVP_DigestInit_ex(context, bank->md, NULL) || !EVP_DigestUpdate(context, first, first_length)
+        || (second_length > 0 && !EVP_DigestUpdate(context, second, second_length))
+        || !EVP_DigestFinal_ex(context, out, NULL)) {
+        PyErr_Format(PyExc_RuntimeError, "OpenSSL could not compute a %s digest", bank->name);
+        return 0;
+    }
+    return 1;
+}
+
+static int append_int(PyObject *list, Py_ssize_t value)
+{
+    PyObject *number = PyLong_FromSsize_t(value);
+    if (number == NULL)
+        return 0;
+    int appended = PyList_Append(list, number);
+    Py_DECREF(number);
+    return appended == 0;
+}
+
+static int all_zero(const unsigned char *bytes, Py_ssize_t length)
+{
+    for (Py_ssize_t i = 0; i < length; i++) {
+        if (bytes[i] != 0)
+            return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(replay_doc,
+"replay(entries, bank, initial, quoted, check_algorithm)\n"
+"    -> (prefixes, final, mismatched, violations, other_pcr, buffers)\n\n"
+"Replay entries (a list or tuple of ImaEntry) into PCR 10 of bank from initial.\n"
+"prefixes lists each prefix length whose value equals quoted (None: no comparison),\n"
+"final is the value after all entries, violations and other_pcr the indexes of violations\n"
+"and of entries for another PCR, buffers the ima-buf entries. With check_algorithm, a\n"
+"violation is a template hash of that algorithm's size that is all zeros, and mismatched\n"
+"lists the other entries whose template hash is not that algorithm's digest of their\n"
+"template data. Without it, a violation is any all-zero template hash and nothing is\n"
+"checked.");
+
+static PyObject *replay(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *entries, *bank_name, *initial, *quoted, *check_name;
+    if (!PyArg_ParseTuple(args, "OUSOO", &entries, &bank_name, &initial, &quoted, &check_name))
+        return NULL;
+
+    const Bank *bank = find_bank(bank_name);
+    if (bank == NULL) {
+        PyErr_Format(PyExc_ValueError, "bank %R cannot be replayed", bank_name);
+        return NULL;
+    }
+    const Bank *check = NULL;
+    if (check_name != Py_None) {
+        if (!PyUnicode_Check(check_name) || (check = find_bank(check_name)) == NULL) {
+            PyErr_Format(PyExc_ValueError, "template hash algorithm %R is not supported", check_name);
+            return NULL;
+        }
+    }
+    if (PyBytes_GET_SIZE(initial) != bank->size) {
+        PyErr_Format(PyExc_ValueError, "initial PCR 10 value must have %d bytes", bank->size);
+        return NULL;
+    }
+    const unsigned char *quoted_bytes = NULL;
+    Py_ssize_t quoted_length = -1;
+    if (quoted != Py_None) {
+        if (!PyBytes_Check(quoted)) {
+            PyErr_SetString(PyExc_TypeError, "quoted must be bytes or None");
+            return NULL;
+        }
+        quoted_bytes = (const unsigned char *)PyBytes_AS_STRING(quoted);
+        quoted_length = PyBytes_GET_SIZE(quoted);
+    }
+
+    PyObject *sequence = PySequence_Fast(entries, "entries must be a list or tuple");
+    if (sequence == NULL)
+        return NULL;
+    PyObject *prefixes = PyList_New(0);
+    PyObject *mismatched = PyList_New(0);
+    PyObject *violations = PyList_New(0);
+    PyObject *other_pcr = PyList_New(0);
+    PyObject *buffers = PyList_New(0);
+    /* One context per algorithm: OpenSSL keeps a context's provider state between
+     * operations with the same digest, but rebuilds it when the digest changes. */
+    EVP_MD_CTX *context = EVP_MD_CTX_new();
+    EVP_MD_CTX *check_context = EVP_MD_CTX_new();
+    PyObject *result = NULL;
+    if (prefixes == NULL || mismatched == NULL || violations == NULL || other_pcr == NULL
+        || buffers == NULL)
+        goto done;
+    if (context == NULL || check_context == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+
+    unsigned char value[MAX_DIGEST], measurement[MAX_DIGEST], expected[MAX_DIGEST];
+    unsigned char violation_extend[MAX_DIGEST];
+    memcpy(value, PyBytes_AS_STRING(initial), bank->size);
+    memset(violation_extend, 0xff, sizeof(violation_extend));
+    int same_algorithm = check == bank;
+
+    if (quoted_bytes != NULL && quoted_length == bank->size
+        && memcmp(value, quoted_bytes, bank->size) == 0 && !append_int(prefixes, 0))
+        goto done;
+
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    PyObject **items = PySequence_Fast_ITEMS(sequence);
+    for (Py_ssize_t position = 0; position < count; position++) {
+        PyObject *entry = items[position];
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != ENTRY_FIELDS) {
+            PyErr_Format(PyExc_TypeError, "entry %zd is not an ImaEntry", position);
+            goto done;
+        }
+        PyObject *index = PyTuple_GET_ITEM(entry, 0);
+        PyObject *pcr_object = PyTuple_GET_ITEM(entry, 1);
+        PyObject *hash_object = PyTuple_GET_ITEM(entry, 2);
+        PyObject *template = PyTuple_GET_ITEM(entry, 3);
+        PyObject *data_object = PyTuple_GET_ITEM(entry, 9);
+        if (!PyLong_Check(index) || !PyLong_Check(pcr_object) || !PyBytes_Check(hash_object)
+            || !PyUnicode_Check(template) || !PyBytes_Check(data_object)) {
+            PyErr_Format(PyExc_TypeError, "entry %zd has fields of the wrong types", position);
+            goto done;
+        }
+        long pcr = PyLong_AsLong(pcr_object);
+        if (pcr == -1 && PyErr_Occurred())
+            goto done;
+        const unsigned char *template_hash = (const unsigned char *)PyBytes_AS_STRING(hash_object);
+        Py_ssize_t template_hash_length = PyBytes_GET_SIZE(hash_object);
+        const char *data = PyBytes_AS_STRING(data_object);
+        size_t data_length = (size_t)PyBytes_GET_SIZE(data_object);
+
+        int violation = check != NULL
+            ? template_hash_length == check->size && all_zero(template_hash, template_hash_length)
+            : all_zero(template_hash, template_hash_length);
+        const unsigned char *extend_with;
+        if (violation) {
+            if (PyList_Append(violations, index) < 0)
+                goto done;
+            extend_with = violation_extend;
+        } else {
+            if (!digest_into(context, bank, data, data_length, NULL, 0, measurement))
+                goto done;
+            extend_with = measurement;
+            if (check != NULL) {
+                const unsigned char *computed = measurement;
+                if (!same_algorithm) {
+                    if (!digest_into(check_context, check, data, data_length, NULL, 0, expected))
+                        goto done;
+                    computed = expected;
+                }
+                if (template_hash_length != check->size
+                    || memcmp(computed, template_hash, check->size) != 0) {
+                    if (PyList_Append(mismatched, entry) < 0)
+                        goto done;
+                }
+            }
+        }
+
+        if (pcr == IMA_PCR) {
+            if (!digest_into(context, bank, value, bank->size, extend_with, bank->size, value))
+                goto done;
+        } else if (PyList_Append(other_pcr, index) < 0) {
+            goto done;
+        }
+        if (quoted_bytes != NULL && quoted_length == bank->size
+            && memcmp(value, quoted_bytes, bank->size) == 0 && !append_int(prefixes, position + 1))
+            goto done;
+        if (PyUnicode_CompareWithASCIIString(template, "ima-buf") == 0
+            && PyList_Append(buffers, entry) < 0)
+            goto done;
+    }
+
+    result = Py_BuildValue("(Oy#OOOO)", prefixes, (const char *)value, (Py_ssize_t)bank->size,
+                           mismatched, violations, other_pcr, buffers);
+
+done:
+    EVP_MD_CTX_free(context);
+    EVP_MD_CTX_free(check_context);
+    Py_DECREF(sequence);
+    Py_XDECREF(prefixes);
+    Py_XDECREF(mismatched);
+    Py_XDECREF(violations);
+    Py_XDECREF(other_pcr);
+    Py_XDECREF(buffers);
+    return result;
+}
+
+/* ---- Runtime policy -------------------------------------------------------------------- */
+
+PyDoc_STRVAR(unlisted_entries_doc,
+"unlisted_entries(entries, digests, zero_hashes, boot_aggregate_name) -> list\n\n"
+"Return, in order, the entries that the runtime policy's fast path does not pass: all but\n"
+"the ima and ima-ng entries that are no violation (template hash not in zero_hashes), are\n"
+"not named boot_aggregate_name (None: no name is set aside), and whose digest digests (a\n"
+"dict of path to bytes or to a container of bytes) lists for their path. The caller runs\n"
+"the whole policy check on the returned entries, so an entry that is not an ImaEntry\n"
+"tuple is returned too.");
+
+static PyObject *unlisted_entries(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *entries, *digests, *zero_hashes, *boot_aggregate_name;
+    if (!PyArg_ParseTuple(args, "OO!OO", &entries, &PyDict_Type, &digests, &zero_hashes,
+                          &boot_aggregate_name))
+        return NULL;
+    if (boot_aggregate_name != Py_None && !PyUnicode_Check(boot_aggregate_name)) {
+        PyErr_SetString(PyExc_TypeError, "boot_aggregate_name must be a str or None");
+        return NULL;
+    }
+    PyObject *sequence = PySequence_Fast(entries, "entries must be a list or tuple");
+    if (sequence == NULL)
+        return NULL;
+    PyObject *unlisted = PyList_New(0);
+    if (unlisted == NULL) {
+        Py_DECREF(sequence);
+        return NULL;
+    }
+
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    PyObject **items = PySequence_Fast_ITEMS(sequence);
+    for (Py_ssize_t position = 0; position < count; position++) {
+        PyObject *entry = items[position];
+        int listed = 0;
+        if (PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == ENTRY_FIELDS) {
+            PyObject *template = PyTuple_GET_ITEM(entry, 3);
+            PyObject *path = PyTuple_GET_ITEM(entry, 6);
+            PyObject *digest = PyTuple_GET_ITEM(entry, 5);
+            int file_template = PyUnicode_Check(template)
+                && (PyUnicode_CompareWithASCIIString(template, "ima-ng") == 0
+                    || PyUnicode_CompareWithASCIIString(template, "ima") == 0);
+            if (file_template) {
+                int violation = PySequence_Contains(zero_hashes, PyTuple_GET_ITEM(entry, 2));
+                if (violation < 0)
+                    goto failed;
+                int set_aside = 0;
+                if (!violation && boot_aggregate_name != Py_None) {
+                    set_aside = PyObject_RichCompareBool(path, boot_aggregate_name, Py_EQ);
+                    if (set_aside < 0)
+                        goto failed;
+                }
+                if (!violation && !set_aside) {
+                    PyObject *allowed = PyDict_GetItemWithError(digests, path);
+                    if (allowed == NULL && PyErr_Occurred())
+                        goto failed;
+                    if (allowed != NULL) {
+                        listed = PyBytes_CheckExact(allowed)
+                            ? PyObject_RichCompareBool(allowed, digest, Py_EQ)
+                            : PySequence_Contains(allowed, digest);
+                        if (listed < 0)
+                            goto failed;
+                    }
+                }
+            }
+        }
+        if (!listed && PyList_Append(unlisted, entry) < 0)
+            goto failed;
+    }
+    Py_DECREF(sequence);
+    return unlisted;
+
+failed:
+    Py_DECREF(sequence);
+    Py_DECREF(unlisted);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"parse_ima_ng", parse_ima_ng, METH_VARARGS, parse_ima_ng_doc},
+    {"replay", replay, METH_VARARGS, replay_doc},
+    {"unlisted_entries", unlisted_entries, METH_VARARGS, unlisted_entries_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_definition = {
+    PyModuleDef_HEAD_INIT, "evidence.ima._accel",
+    "Native fast paths for IMA measurement list parsing, replay and runtime policy checks.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__accel(void)
+{
+    init_hex_table();
+    for (Py_ssize_t i = 0; i < BANK_COUNT; i++) {
+        if (banks[i].md == NULL)
+            banks[i].md = EVP_MD_fetch(NULL, banks[i].name, NULL);
+        if (banks[i].md == NULL || EVP_MD_get_size(banks[i].md) != banks[i].size) {
+            PyErr_Format(PyExc_ImportError, "OpenSSL has no usable %s digest", banks[i].name);
+            return NULL;
+        }
+    }
+    return PyModule_Create(&module_definition);
+}

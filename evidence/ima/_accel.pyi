@@ -1,0 +1,21 @@
+from collections.abc import Sequence
+
+from evidence.ima.entry import ImaEntry
+
+def parse_ima_ng(
+    data: bytes,
+    position: int,
+    first_index: int,
+    template_hash_size: int,
+    entry_type: type[ImaEntry],
+    template: str,
+    d_ng_table: tuple[tuple[bytes, bytes, int, str], ...],
+    entries: list[ImaEntry],
+) -> int: ...
+def replay(
+    entries: Sequence[ImaEntry],
+    bank: str,
+    initial: bytes,
+    quoted: bytes | None,
+    check_algorithm: str | None,
+) -> tuple[list[int], bytes, list[ImaEntry], list[int], list[int], list[ImaEntry]]: ...
