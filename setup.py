@@ -12,7 +12,8 @@ setup(
             "evidence.ima._accel",
             sources=["evidence/ima/_accel.c"],
             libraries=["crypto"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-pthread"],
+            extra_link_args=["-pthread"],
         )
     ]
 )

@@ -1,4 +1,5 @@
 from collections.abc import Sequence
+from typing import Any
 
 from evidence.ima.entry import ImaEntry
 
@@ -18,4 +19,11 @@ def replay(
     initial: bytes,
     quoted: bytes | None,
     check_algorithm: str | None,
+    parallel_from: int = ...,
 ) -> tuple[list[int], bytes, list[ImaEntry], list[int], list[int], list[ImaEntry]]: ...
+def unlisted_entries(
+    entries: Sequence[object],
+    digests: dict[str, object],
+    zero_hashes: frozenset[bytes],
+    boot_aggregate_name: str | None,
+) -> list[Any]: ...

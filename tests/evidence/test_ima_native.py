@@ -248,3 +248,35 @@ def test_native_parser_checks_its_arguments() -> None:
         accel.parse_ima_ng(b"abc", 0, 0, 20, dict, "ima-ng", table, [])
     with pytest.raises(TypeError, match="rows must be"):
         accel.parse_ima_ng(b"abc", 0, 0, 20, ImaEntry, "ima-ng", (("sha1",),), [])
+
+
+@needs_native
+@SETTINGS
+@given(built_lists(), st.sampled_from(sorted(BANK_SIZES)), st.data())
+def test_threaded_template_hash_check_agrees(built: ImaListBuilder, bank: str, data: st.DataObject) -> None:
+    assert accel is not None
+    changes = data.draw(st.none() | edits)
+    text = built.ascii_bytes() if changes is None else _mutate(built.ascii_bytes(), changes)
+    try:
+        parsed = parse_ascii_list(text)
+    except ImaParseError:
+        return
+    # Long lists of copies, so that the threaded path also meets every kind of entry.
+    entries = list(parsed.entries) * data.draw(st.integers(min_value=1, max_value=300))
+    check = data.draw(st.sampled_from([None, *sorted(BANK_SIZES)]))
+    quoted = built.pcr10(bank)
+
+    def run(parallel_from: int) -> object:
+        return accel.replay(entries, bank, bytes(BANK_SIZES[bank]), quoted, check, parallel_from)
+
+    assert run(1) == run(len(entries) + 1)
+
+
+@needs_native
+def test_threaded_replay_reports_a_bad_entry_after_the_thread_started() -> None:
+    assert accel is not None
+    entry = parse_ascii_list(ImaListBuilder().ima_ng(b"/bin/sh", b"x").ascii_line()).entries[0]
+    entries: list[object] = [entry] * 5000 + [("not", "an", "entry")] + [entry] * 5000
+
+    with pytest.raises(TypeError, match="entry 5000 is not an ImaEntry"):
+        accel.replay(entries, "sha256", bytes(32), None, "sha1", 1)
