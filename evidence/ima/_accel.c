@@ -246,15 +246,16 @@ failed:
 PyDoc_STRVAR(parse_ima_ng_doc,
 "parse_ima_ng(data, position, first_index, template_hash_size, entry_type, template,\n"
 "             d_ng_table, entries) -> int\n\n"
-"Parse canonical ima-ng lines of data from byte offset position on, appending an\n"
-"entry_type tuple for each to the list entries; the first one gets index first_index.\n"
+"Parse canonical ima-ng lines of data (bytes or ASCII str) from offset position on,\n"
+"appending an entry_type tuple for each to the list entries; the first one gets index\n"
+"first_index.\n"
 "Return the offset of the first line that is not canonical, or len(data).");
 
 static PyObject *parse_ima_ng(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *data_object, *entry_type_object, *template_name, *table, *entries;
     Py_ssize_t position, first_index, template_hash_size;
-    if (!PyArg_ParseTuple(args, "SnnnO!UO!O!", &data_object, &position, &first_index,
+    if (!PyArg_ParseTuple(args, "OnnnO!UO!O!", &data_object, &position, &first_index,
                           &template_hash_size, &PyType_Type, &entry_type_object, &template_name,
                           &PyTuple_Type, &table, &PyList_Type, &entries))
         return NULL;
@@ -273,8 +274,19 @@ static PyObject *parse_ima_ng(PyObject *Py_UNUSED(module), PyObject *args)
     if (!load_digest_kinds(table, kinds, &kind_count))
         return NULL;
 
-    const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(data_object);
-    Py_ssize_t size = PyBytes_GET_SIZE(data_object);
+    /* Bytes, or ASCII text read in place: its characters are its UTF-8 bytes. */
+    const unsigned char *base;
+    Py_ssize_t size;
+    if (PyBytes_Check(data_object)) {
+        base = (const unsigned char *)PyBytes_AS_STRING(data_object);
+        size = PyBytes_GET_SIZE(data_object);
+    } else if (PyUnicode_Check(data_object) && PyUnicode_IS_COMPACT_ASCII(data_object)) {
+        base = (const unsigned char *)PyUnicode_DATA(data_object);
+        size = PyUnicode_GET_LENGTH(data_object);
+    } else {
+        PyErr_SetString(PyExc_TypeError, "data must be bytes or ASCII str");
+        return NULL;
+    }
     if (position < 0 || position > size) {
         PyErr_SetString(PyExc_ValueError, "position is outside data");
         return NULL;

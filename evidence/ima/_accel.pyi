@@ -4,7 +4,7 @@ from typing import Any
 from evidence.ima.entry import ImaEntry
 
 def parse_ima_ng(
-    data: bytes,
+    data: str | bytes,
     position: int,
     first_index: int,
     template_hash_size: int,

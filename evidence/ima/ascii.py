@@ -194,12 +194,14 @@ def parse_ascii_lines(
     return ImaMeasurementList(tuple(entries), start_index, algorithm, "ascii")
 
 
-def _native_input(unverified_text: str | bytes) -> bytes | None:
-    """Return the list as the bytes the native parser reads, or None for text it cannot take.
+def _native_input(unverified_text: str | bytes) -> str | bytes | None:
+    """Return the list as the native parser reads it, or None for text it cannot take.
 
-    Text with lone surrogates has no UTF-8 form; the Python parser handles it.
+    The parser reads bytes, and ASCII text in place, whose offsets are those of its UTF-8
+    form; other text is encoded first. Text with lone surrogates has no UTF-8 form; the
+    Python parser handles it.
     """
-    if isinstance(unverified_text, bytes):
+    if isinstance(unverified_text, bytes) or unverified_text.isascii():
         return unverified_text
     try:
         return unverified_text.encode("utf-8")
@@ -207,16 +209,22 @@ def _native_input(unverified_text: str | bytes) -> bytes | None:
         return None
 
 
+def _line_text(line: str | bytes) -> str:
+    return decode_list_text(line) if isinstance(line, bytes) else line
+
+
 def _parse_ascii_natively(
-    unverified_data: bytes, start_index: int, template_hash_algorithm: str | None
+    unverified_data: str | bytes, start_index: int, template_hash_algorithm: str | None
 ) -> ImaMeasurementList:
-    """Parse like ``parse_ascii_lines`` over the lines of ``unverified_data``, letting the
-    native parser take every canonical ima-ng line and ``_parse_line`` every other one."""
+    """Parse like ``parse_ascii_lines`` over the lines of ``unverified_data`` (bytes or ASCII
+    text), letting the native parser take every canonical ima-ng line and ``_parse_line``
+    every other one."""
     assert accel is not None
-    newline = unverified_data.find(b"\n")
+    newline_mark: str | bytes = b"\n" if isinstance(unverified_data, bytes) else "\n"
+    newline = unverified_data.find(newline_mark)  # type: ignore[arg-type]
     first_line = unverified_data if newline < 0 else unverified_data[:newline]
     algorithm = template_hash_algorithm or _infer_template_hash_algorithm(
-        [decode_list_text(first_line)] if unverified_data else []
+        [_line_text(first_line)] if unverified_data else []
     )
     template_hash_size = template_hash_size_of(algorithm)
 
@@ -231,9 +239,9 @@ def _parse_ascii_natively(
             )
             if position >= size:
                 break
-            newline = unverified_data.find(b"\n", position)
+            newline = unverified_data.find(newline_mark, position)  # type: ignore[arg-type]
             line_end = size if newline < 0 else newline
-            line = decode_list_text(unverified_data[position:line_end])
+            line = _line_text(unverified_data[position:line_end])
             line_number = len(entries) + 1
             try:
                 entries.append(_parse_line(line, start_index + len(entries), template_hash_size))

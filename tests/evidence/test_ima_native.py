@@ -280,3 +280,20 @@ def test_threaded_replay_reports_a_bad_entry_after_the_thread_started() -> None:
 
     with pytest.raises(TypeError, match="entry 5000 is not an ImaEntry"):
         accel.replay(entries, "sha256", bytes(32), None, "sha1", 1)
+
+
+@needs_native
+def test_native_parser_reads_bytes_and_ascii_text_only() -> None:
+    assert accel is not None
+    table = _MODULES[0]._D_NG_TABLE
+    line = ImaListBuilder().ima_ng(b"/bin/sh", b"x").ascii_line() + b"\n"
+
+    from_bytes: list[ImaEntry] = []
+    from_text: list[ImaEntry] = []
+    assert accel.parse_ima_ng(line, 0, 0, 20, ImaEntry, "ima-ng", table, from_bytes) == len(line)
+    assert accel.parse_ima_ng(line.decode(), 0, 0, 20, ImaEntry, "ima-ng", table, from_text) == len(line)
+    assert from_bytes == from_text
+    with pytest.raises(TypeError, match="bytes or ASCII str"):
+        accel.parse_ima_ng("é" + line.decode(), 0, 0, 20, ImaEntry, "ima-ng", table, [])
+    with pytest.raises(TypeError, match="bytes or ASCII str"):
+        accel.parse_ima_ng(bytearray(line), 0, 0, 20, ImaEntry, "ima-ng", table, [])
