@@ -46,9 +46,10 @@ from __future__ import annotations
 
 import functools
 import hmac
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -95,9 +96,13 @@ _PADDINGS: Final[dict[tuple[TpmAlg, TpmAlg], Any]] = {
 _ECDSA: Final = {alg: ec.ECDSA(hash_algorithm(alg)) for alg in _HASH_ALGS}
 _HASHERS: Final = {alg: hash_function(alg) for alg in _HASH_ALGS}
 _ALGORITHMS: Final = {alg: hash_algorithm(alg) for alg in _HASH_ALGS}
-# The TPMS_ATTEST layout fixes magic at offset 0 and type at offset 4.
+_DIGEST_SIZES: Final = {alg: algorithm.digest_size for alg, algorithm in _ALGORITHMS.items()}
+# The TPMS_ATTEST layout fixes magic at offset 0 and type at offset 4. A shorter input is read
+# as far as it goes, so that each check reports the bytes it got.
 _MAGIC_END: Final = 4
 _TYPE_END: Final = 6
+_MAGIC_AND_TYPE: Final = struct.Struct(">IH")
+_ATTEST_QUOTE: Final = int(StructureTag.ATTEST_QUOTE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +205,11 @@ def verify_quote(
     signed_attest = unverified_attest
 
     # 4. magic is TPM_GENERATED_VALUE.
-    magic = int.from_bytes(signed_attest[:_MAGIC_END], "big")
+    if len(signed_attest) >= _TYPE_END:
+        magic, attest_type = _MAGIC_AND_TYPE.unpack_from(signed_attest)
+    else:
+        magic = int.from_bytes(signed_attest[:_MAGIC_END], "big")
+        attest_type = int.from_bytes(signed_attest[_MAGIC_END:_TYPE_END], "big")
     if magic != TPM_GENERATED_VALUE:
         findings.append(_error(
             "quote-magic-invalid",
@@ -209,8 +218,7 @@ def verify_quote(
         ))
 
     # 5. type is TPM_ST_ATTEST_QUOTE.
-    attest_type = int.from_bytes(signed_attest[_MAGIC_END:_TYPE_END], "big")
-    if attest_type != StructureTag.ATTEST_QUOTE:
+    if attest_type != _ATTEST_QUOTE:
         return _stop(
             findings,
             "quote-type-invalid",
@@ -261,13 +269,39 @@ def verify_quote(
         ))
 
     passed = not findings or not is_failure(findings)
-    return QuoteResult(
-        findings=tuple(findings),
-        attest=attest,
-        next_counters=attest.clock_info if passed else previous,
-        pcr_values=quoted_values if passed else {},
-        new_boot_session=new_boot_session and passed,
+    return _new_result(
+        tuple(findings),
+        attest,
+        attest.clock_info if passed else previous,
+        quoted_values if passed else {},
+        new_boot_session and passed,
     )
+
+
+# QuoteResult is frozen, so its generated __init__ sets each field with object.__setattr__.
+# Writing the slots through their descriptors takes about half as long per quote.
+_SET_FINDINGS: Final = vars(QuoteResult)["findings"].__set__
+_SET_ATTEST: Final = vars(QuoteResult)["attest"].__set__
+_SET_NEXT_COUNTERS: Final = vars(QuoteResult)["next_counters"].__set__
+_SET_PCR_VALUES: Final = vars(QuoteResult)["pcr_values"].__set__
+_SET_NEW_BOOT_SESSION: Final = vars(QuoteResult)["new_boot_session"].__set__
+
+
+def _new_result(
+    findings: tuple[Finding, ...],
+    attest: Attest,
+    next_counters: ClockInfo | None,
+    pcr_values: dict[TpmAlg, dict[int, bytes]],
+    new_boot_session: bool,
+) -> QuoteResult:
+    """Build a QuoteResult equal to QuoteResult(findings, attest, ...) with these values."""
+    result = object.__new__(QuoteResult)
+    _SET_FINDINGS(result, findings)
+    _SET_ATTEST(result, attest)
+    _SET_NEXT_COUNTERS(result, next_counters)
+    _SET_PCR_VALUES(result, pcr_values)
+    _SET_NEW_BOOT_SESSION(result, new_boot_session)
+    return result
 
 
 def _error(code: str, message: str, **context: Any) -> Finding:
@@ -304,14 +338,22 @@ def _scheme_mismatch(
 def _signature_verifies(public_key: AkPublicKey, signature: Signature, message: bytes) -> bool:
     algorithm = _ALGORITHMS[signature.hash_alg]
     try:
-        if isinstance(public_key, rsa.RSAPublicKey):
+        if _is_rsa_key_class(type(public_key)):
             pad = _PADDINGS[(signature.sig_alg, signature.hash_alg)]
-            public_key.verify(signature.signature, message, pad, algorithm)
+            cast(rsa.RSAPublicKey, public_key).verify(signature.signature, message, pad, algorithm)
         else:
-            public_key.verify(signature.signature, message, _ECDSA[signature.hash_alg])
+            ecc_key = cast(ec.EllipticCurvePublicKey, public_key)
+            ecc_key.verify(signature.signature, message, _ECDSA[signature.hash_alg])
     except InvalidSignature:
         return False
     return True
+
+
+@functools.lru_cache(maxsize=16)
+def _is_rsa_key_class(key_class: type) -> bool:
+    # isinstance() against the RSAPublicKey ABC costs about 0.2 µs per quote. There are only a
+    # few OpenSSL-backed key classes, so the result per class is cached.
+    return issubclass(key_class, rsa.RSAPublicKey)
 
 
 def _check_qualified_signer(
@@ -356,7 +398,7 @@ def _check_nonce(attest: Attest, nonce: bytes | None) -> Finding | None:
 
 def _check_selection(attest: Attest, requested: PcrSelection | None) -> Finding | None:
     quoted = attest.pcr_selection
-    if quoted.pcr_count == 0:
+    if _selects_no_pcr(quoted):
         return _error(
             "quote-pcr-selection-empty",
             f"TPMS_QUOTE_INFO.pcrSelect selects no PCR (got {quoted!s} with "
@@ -369,13 +411,21 @@ def _check_selection(attest: Attest, requested: PcrSelection | None) -> Finding 
             f"TPMS_QUOTE_INFO.pcrSelect {quoted!s} not compared: no requested selection given",
             {"field": "pcrSelect"},
         )
-    if quoted != requested and quoted.as_sets() != requested.as_sets():
+    if quoted.banks != requested.banks and quoted.as_sets() != requested.as_sets():
         return _error(
             "quote-pcr-selection-mismatch",
             f"TPMS_QUOTE_INFO.pcrSelect: got {quoted!s}, expected the requested {requested!s}",
             field="pcrSelect",
         )
     return None
+
+
+def _selects_no_pcr(selection: PcrSelection) -> bool:
+    # Same as selection.pcr_count == 0, without summing over the banks.
+    for bank in selection.banks:
+        if bank.pcrs:
+            return False
+    return True
 
 
 def _check_pcr_digest(
@@ -389,14 +439,19 @@ def _check_pcr_digest(
         )
 
     quoted: dict[TpmAlg, dict[int, bytes]] = {}
-    hasher = _HASHERS[hash_alg]()
+    ordered: list[bytes] = []
     for bank in attest.pcr_selection.banks:
         bank_values = pcr_values.get(bank.hash_alg, {})
-        try:
-            selected = {index: bank_values[index] for index in bank.pcrs}
-        except KeyError:
-            return {}, _missing_values_finding(attest.pcr_selection, pcr_values)
-        size = _ALGORITHMS[bank.hash_alg].digest_size
+        if tuple(bank_values) == bank.pcrs:
+            # The usual case, such as a parsed PCR file: exactly the quoted PCRs, in selection
+            # order. A copy equals the comprehension below and takes half the time.
+            selected = dict(bank_values)
+        else:
+            try:
+                selected = {index: bank_values[index] for index in bank.pcrs}
+            except KeyError:
+                return {}, _missing_values_finding(attest.pcr_selection, pcr_values)
+        size = _DIGEST_SIZES[bank.hash_alg]
         for index, value in selected.items():
             # Sizes matter beyond the digest: values shifted across PCR boundaries hash the same.
             if len(value) != size:
@@ -406,10 +461,10 @@ def _check_pcr_digest(
                     f"expected {size}",
                     field="pcrValues",
                 )
-            hasher.update(value)
+        ordered += selected.values()
         quoted[bank.hash_alg] = selected
 
-    computed = hasher.digest()
+    computed = _HASHERS[hash_alg](b"".join(ordered)).digest()
     if not hmac.compare_digest(computed, attest.pcr_digest):
         return {}, _error(
             "quote-pcr-digest-mismatch",

@@ -780,8 +780,13 @@ class Attest(NamedTuple):
     pcr_digest: bytes
 
 
+# Builds a named tuple from a tuple of all its fields without the generated __new__, which
+# takes its fields as Python arguments and costs about twice as long. The fast paths use it.
+_new_tuple: Final = tuple.__new__
+
 _ATTEST_HEADER: Final = struct.Struct(">IH")
 _CLOCK_AND_FIRMWARE: Final = struct.Struct(">QIIBQ")
+_ATTEST_QUOTE: Final = StructureTag.ATTEST_QUOTE
 
 
 def parse_tpms_attest(data: bytes) -> Attest:
@@ -790,6 +795,85 @@ def parse_tpms_attest(data: bytes) -> Attest:
     Attestations of other types raise ParseError with code ``attest-type-unsupported``.
     """
     data = bytes(data)
+    attest = _parse_single_bank_quote(data)
+    if attest is None:
+        attest = _parse_tpms_attest_fields(data)
+    return attest
+
+
+# A quote's TPMS_ATTEST from magic up to pcrDigest.size, when the quote selects one PCR
+# bank. The key packs the sizes of qualifiedSigner and extraData (each at most 66) and the
+# bank's sizeofSelect (at most 4), which bounds the dictionary to 67 * 67 * 5 entries.
+_QUOTE_LAYOUTS: Final[dict[int, struct.Struct]] = {}
+_ATTEST_QUOTE_TAG: Final = StructureTag.ATTEST_QUOTE.to_bytes(2, "big")
+# Offset of sizeofSelect after qualifiedSigner and extraData: magic, type, two sizes,
+# clockInfo, firmwareVersion, pcrSelections.count and .hash take 41 bytes.
+_SIZE_OF_SELECT_OFFSET: Final = 41
+
+
+def _add_quote_layout(key: int, signer_size: int, extra_size: int, size_of_select: int) -> struct.Struct:
+    layout = struct.Struct(f">IHH{signer_size}sH{extra_size}sQIIBQIHB{size_of_select}xH")
+    _QUOTE_LAYOUTS[key] = layout
+    return layout
+
+
+def _parse_single_bank_quote(data: bytes) -> Attest | None:
+    """Parse a valid quote over one PCR bank with one struct call, or return None.
+
+    This is the shape devices send. The function returns None, and raises nothing, for any
+    input that ``_parse_tpms_attest_fields`` would reject or that selects several banks. It
+    accepts an input only after every check of that parser passed, so both return equal
+    results for it.
+    """
+    size = len(data)
+    if size < 10 or data[4:6] != _ATTEST_QUOTE_TAG:
+        return None
+    signer_size = data[6] << 8 | data[7]
+    if signer_size > _MAX_NAME or signer_size + 10 > size:
+        return None
+    extra_size = data[signer_size + 8] << 8 | data[signer_size + 9]
+    select_offset = _SIZE_OF_SELECT_OFFSET + signer_size + extra_size
+    if extra_size > _MAX_DATA or select_offset >= size:
+        return None
+    size_of_select = data[select_offset]
+    if size_of_select > _MAX_SIZE_OF_SELECT:
+        return None
+    key = signer_size << 16 | extra_size << 8 | size_of_select
+    layout = _QUOTE_LAYOUTS.get(key) or _add_quote_layout(
+        key, signer_size, extra_size, size_of_select
+    )
+    if layout.size > size:
+        return None
+    (
+        magic, _, _, qualified_signer, _, extra_data, clock, reset_count, restart_count, safe,
+        firmware_version, bank_count, hash_alg, _, digest_size,
+    ) = layout.unpack_from(data)
+    if (
+        safe > 1
+        or bank_count != 1
+        or hash_alg not in _HASHES
+        or digest_size > _MAX_DIGEST
+        or layout.size + digest_size != size
+    ):
+        return None
+
+    # TPML_PCR_SELECTION runs from its u32 count, 6 bytes before sizeofSelect, to pcrDigest.
+    selection = _parse_pcr_selection_cached(data[select_offset - 6 : layout.size - 2])
+    clock_info = _new_tuple(ClockInfo, (clock, reset_count, restart_count, safe == 1))
+    return _new_tuple(Attest, (
+        magic,
+        _ATTEST_QUOTE,
+        qualified_signer,
+        extra_data,
+        clock_info,
+        firmware_version,
+        selection,
+        data[layout.size :],
+    ))
+
+
+def _parse_tpms_attest_fields(data: bytes) -> Attest:
+    """Parse a quote's TPMS_ATTEST field by field, raising ParseError at the first bad one."""
     if len(data) < _ATTEST_HEADER.size:
         raise _truncated("TPMS_ATTEST", "magic", _ATTEST_HEADER.size, 0, len(data))
     magic, attest_type = _ATTEST_HEADER.unpack_from(data)
@@ -874,11 +958,44 @@ class Signature(NamedTuple):
 
 _SIGNATURE_ALGS: Final = {int(alg): alg for alg in (TpmAlg.RSASSA, TpmAlg.RSAPSS, TpmAlg.ECDSA)}
 _SIGNATURE_HEADER: Final = struct.Struct(">HH")
+# sigAlg, hash and the size of the TPM2B_PUBLIC_KEY_RSA of an RSASSA or RSAPSS signature.
+_RSA_SIGNATURE_HEADER: Final = struct.Struct(">HHH")
+_RSA_SIGNATURE_ALGS: Final = frozenset({TpmAlg.RSASSA, TpmAlg.RSAPSS})
 
 
 def parse_tpmt_signature(data: bytes) -> Signature:
     """Parse TPMT_SIGNATURE bytes; schemes other than RSASSA, RSAPSS and ECDSA raise ParseError."""
     data = bytes(data)
+    signature = _parse_rsa_signature(data)
+    if signature is None:
+        signature = _parse_tpmt_signature_fields(data)
+    return signature
+
+
+def _parse_rsa_signature(data: bytes) -> Signature | None:
+    """Parse a valid RSASSA or RSAPSS signature with one unpack, or return None.
+
+    Returns None, and raises nothing, for ECDSA and for any input that
+    ``_parse_tpmt_signature_fields`` would reject. For the rest, both return equal results.
+    """
+    if len(data) < _RSA_SIGNATURE_HEADER.size:
+        return None
+    sig_alg, hash_alg, size = _RSA_SIGNATURE_HEADER.unpack_from(data)
+    if (
+        sig_alg not in _RSA_SIGNATURE_ALGS
+        or hash_alg not in _HASHES
+        or size > _MAX_RSA_KEY_BYTES
+        or size != len(data) - _RSA_SIGNATURE_HEADER.size
+    ):
+        return None
+    return _new_tuple(Signature, (
+        _ALGS_BY_VALUE[sig_alg],
+        _ALGS_BY_VALUE[hash_alg],
+        data[_RSA_SIGNATURE_HEADER.size :],
+    ))
+
+
+def _parse_tpmt_signature_fields(data: bytes) -> Signature:
     if len(data) < _SIGNATURE_HEADER.size:
         raise _truncated("TPMT_SIGNATURE", "sigAlg", _SIGNATURE_HEADER.size, 0, len(data))
     sig_alg_value, hash_alg_value = _SIGNATURE_HEADER.unpack_from(data)
@@ -939,16 +1056,69 @@ def parse_pcr_file(data: bytes) -> PcrFile:
             f"PCR file: truncated: {len(data)} bytes, expected at least {_FILE_HEADER_SIZE}",
             code="structure-truncated",
         )
-    selection, slots = _read_file_selection(data[: _FILE_SELECTION.size])
-    digests = _read_file_digests(data)
+    file_selection = _read_file_selection(data[: _FILE_SELECTION.size])
+    values = _read_packed_values(data, file_selection)
+    if values is None:
+        values = _read_values(data, file_selection)
+    return _new_tuple(PcrFile, (file_selection.selection, values))
 
+
+class _FileSelection(NamedTuple):
+    """The selection part of a PCR file, and how its values are laid out after it.
+
+    ``slots`` has (bank, PCR index, digest size) per value in selection order.
+    ``packed_counts`` and ``packed_values`` describe the layout that tpm2-tools and
+    ``marshal_pcr_file`` write: full lists of 8 values, then one list with the rest.
+    ``packed_counts`` unpacks the list count, each list's count and each value's size, and
+    ``packed_expected`` is what it returns for a valid file. ``packed_values`` unpacks the
+    values.
+    """
+
+    selection: PcrSelection
+    slots: tuple[tuple[TpmAlg, int, int], ...]
+    packed_counts: struct.Struct
+    packed_expected: tuple[int, ...]
+    packed_values: struct.Struct
+
+
+def _read_packed_values(
+    data: bytes, file_selection: _FileSelection
+) -> dict[TpmAlg, dict[int, bytes]] | None:
+    """Read the values of a valid file in the packed layout, or return None.
+
+    Returns None, and raises nothing, when the file has another size or other counts or
+    value sizes than that layout, so that ``_read_values`` checks it. A file that this
+    function accepts passes every check of ``_read_values``, and both return equal values.
+    """
+    if len(data) != file_selection.packed_values.size:
+        return None
+    if file_selection.packed_counts.unpack_from(data) != file_selection.packed_expected:
+        return None
+    digests = file_selection.packed_values.unpack_from(data)
+    values: dict[TpmAlg, dict[int, bytes]] = {}
+    start = 0
+    for bank in file_selection.selection.banks:
+        end = start + len(bank.pcrs)
+        # zip(strict=True) would cost more than the rest of the loop, and the layout has
+        # exactly one digest per PCR of the selection.
+        values[bank.hash_alg] = dict(zip(bank.pcrs, digests[start:end]))  # noqa: B905
+        start = end
+    return values
+
+
+def _read_values(data: bytes, file_selection: _FileSelection) -> dict[TpmAlg, dict[int, bytes]]:
+    """Read the values of a file in any layout, raising ParseError at the first bad field."""
+    digests = _read_file_digests(data)
+    slots = file_selection.slots
     if len(digests) != len(slots):
         raise ParseError(
             f"PCR file: {len(digests)} PCR values for a selection of {len(slots)} PCRs",
             code="pcr-file-invalid",
             field="pcrValues",
         )
-    values: dict[TpmAlg, dict[int, bytes]] = {bank.hash_alg: {} for bank in selection.banks}
+    values: dict[TpmAlg, dict[int, bytes]] = {
+        bank.hash_alg: {} for bank in file_selection.selection.banks
+    }
     for (hash_alg, index, size), digest in zip(slots, digests, strict=True):
         if len(digest) != size:
             raise ParseError(
@@ -958,14 +1128,12 @@ def parse_pcr_file(data: bytes) -> PcrFile:
                 field="pcrValues",
             )
         values[hash_alg][index] = digest
-    return PcrFile(selection, values)
+    return values
 
 
 @functools.lru_cache(maxsize=256)
-def _read_file_selection(
-    header: bytes,
-) -> tuple[PcrSelection, tuple[tuple[TpmAlg, int, int], ...]]:
-    """Parse the selection part; return it and (bank, PCR index, digest size) per value."""
+def _read_file_selection(header: bytes) -> _FileSelection:
+    """Parse the selection part and derive the packed layout of its values."""
     fields = _FILE_SELECTION.unpack(header)
     count = fields[0]
     if count > _MAX_PCR_BANKS:
@@ -998,7 +1166,37 @@ def _read_file_selection(
         for bank in banks
         for index in bank.pcrs
     )
-    return PcrSelection(tuple(banks)), slots
+    return _FileSelection(PcrSelection(tuple(banks)), slots, *_packed_layout(slots))
+
+
+def _packed_layout(
+    slots: tuple[tuple[TpmAlg, int, int], ...],
+) -> tuple[struct.Struct, tuple[int, ...], struct.Struct]:
+    """Build the structs that read the values of ``slots`` in the packed layout.
+
+    Both structs start at offset 0 and skip the selection part, so each reads a whole file.
+    """
+    sizes = [size for _, _, size in slots]
+    lists = [sizes[start : start + 8] for start in range(0, len(sizes), 8)]
+    counts_format = ["<", f"{_FILE_SELECTION.size}x", "I"]
+    values_format = ["<", f"{_FILE_HEADER_SIZE}x"]
+    expected = [len(lists)]
+    for chunk in lists:
+        counts_format.append("I")
+        values_format.append("4x")
+        expected.append(len(chunk))
+        for size in chunk:
+            counts_format.append(f"H{_MAX_DIGEST}x")
+            values_format.append(f"2x{size}s{_MAX_DIGEST - size}x")
+            expected.append(size)
+        unused = (_MAX_DIGEST + 2) * (8 - len(chunk))
+        counts_format.append(f"{unused}x")
+        values_format.append(f"{unused}x")
+    return (
+        struct.Struct("".join(counts_format)),
+        tuple(expected),
+        struct.Struct("".join(values_format)),
+    )
 
 
 def _read_file_digests(data: bytes) -> list[bytes]:

@@ -3,6 +3,7 @@ cases of quote verification, each with an input made here."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import struct
@@ -277,6 +278,56 @@ def test_quote_rejects_shifted_pcr_values(quoting: QuotingDevice) -> None:
     result = verify(quoting.ak("ecdsa-sha256"), quote, pcr_values=shifted)
 
     assert error_codes(result) == ["quote-pcr-values-invalid"]
+
+
+def test_quote_accepts_values_in_any_order(quoting: QuotingDevice) -> None:
+    """Reordered values, or values with PCRs the quote leaves out, give the same result."""
+    quote = quoting.quote("rsassa-sha256", "sha1:16+sha256:0,1,10")
+    reordered = {
+        bank: dict(reversed(list(bank_values.items())))
+        for bank, bank_values in quote.values.items()
+    }
+    extended = {
+        bank: {**bank_values, 23: bytes(len(bank_values[16 if bank == TpmAlg.SHA1 else 0]))}
+        for bank, bank_values in quote.values.items()
+    }
+    exact = verify(quoting.ak("rsassa-sha256"), quote)
+
+    for values in (reordered, extended):
+        result = verify(quoting.ak("rsassa-sha256"), quote, pcr_values=values)
+        assert result.findings == exact.findings == ()
+        assert result.pcr_values == quote.values
+        for bank in quote.selection.banks:
+            assert tuple(result.pcr_values[bank.hash_alg]) == bank.pcrs
+
+
+def test_quote_shifted_values_any_order(quoting: QuotingDevice) -> None:
+    quote = quoting.quote("ecdsa-sha256", "sha256:0,10")
+    first, second = quote.values[TpmAlg.SHA256][0], quote.values[TpmAlg.SHA256][10]
+    in_order = {TpmAlg.SHA256: {0: first + second[:1], 10: second[1:]}}
+    reversed_order = {TpmAlg.SHA256: {10: second[1:], 0: first + second[:1]}}
+
+    results = [
+        verify(quoting.ak("ecdsa-sha256"), quote, pcr_values=values)
+        for values in (in_order, reversed_order)
+    ]
+
+    assert results[0].findings == results[1].findings
+    assert error_codes(results[0]) == ["quote-pcr-values-invalid"]
+    assert results[0].findings[0].message == "PCR values: sha256:0 has 33 bytes, expected 32"
+
+
+def test_quote_result_equals_constructed_result(quoting: QuotingDevice) -> None:
+    quote = quoting.quote("rsassa-sha256", "sha256:0,10")
+
+    result = verify(quoting.ak("rsassa-sha256"), quote)
+
+    assert result == QuoteResult(
+        findings=(), attest=result.attest, next_counters=result.attest.clock_info
+        if result.attest else None, pcr_values=quote.values, new_boot_session=False,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.findings = ()  # type: ignore[misc]
 
 
 # --- missing or empty PCR bank -----------------------------------------------------------
@@ -603,6 +654,26 @@ def test_quote_rejects_signed_garbage(quoting: QuotingDevice) -> None:
     )
 
     assert error_codes(result) == ["quote-magic-invalid", "quote-attest-malformed"]
+
+
+@pytest.mark.parametrize(
+    ("data", "magic", "attest_type"),
+    [(b"\x00ab", "0x00006162", "0x0000"), (b"\x00\x00\x00\x00\x80", "0x00000000", "0x0080")],
+)
+def test_quote_rejects_short_signed_data(
+    quoting: QuotingDevice, data: bytes, magic: str, attest_type: str
+) -> None:
+    """Data shorter than magic and type is read as far as it goes."""
+    signature = quoting.sign_external("ecdsa-sha256", data)
+
+    result = verify_quote(
+        quoting.ak("ecdsa-sha256").public, data, signature, nonce=b"n",
+        pcr_selection=None, pcr_values=None,
+    )
+
+    assert error_codes(result) == ["quote-magic-invalid", "quote-type-invalid"]
+    assert f"got {magic}," in result.findings[0].message
+    assert f"got {attest_type}," in result.findings[1].message
 
 
 def test_quote_rejects_certify_attestation(quoting: QuotingDevice) -> None:

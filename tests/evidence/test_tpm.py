@@ -7,6 +7,7 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from evidence import tpm as evidence_tpm
 from evidence.errors import EvidenceError, ParseError, VerificationError
 from evidence.tpm import (
     DEFAULT_AK_ALGORITHMS,
@@ -744,3 +746,190 @@ def test_pcr_selection_text_rejects_random(text: str) -> None:
         PcrSelection.from_text(text)
     except EvidenceError as error:
         assert error.code
+
+
+# --- fast paths agree with the field-by-field parsers ------------------------------------
+#
+# parse_tpms_attest, parse_tpmt_signature and parse_pcr_file first try a fast path for the
+# usual shape. Each fast path must return None for anything else, and otherwise exactly what
+# the field parser returns, so that malformed input gets the same ParseError either way.
+
+
+def parse_outcome(parser: Callable[[bytes], Any], data: bytes) -> Any:
+    """Return the parsed value's repr (which shows enum members), or the ParseError's fields."""
+    try:
+        return repr(parser(data))
+    except ParseError as error:
+        return (error.code, error.message, error.field)
+
+
+ATTEST_FIELDS = ["type", "qualifiedSigner", "extraData", "safe", "count", "hash", "sizeofSelect",
+                 "pcrDigest"]
+
+
+@st.composite
+def quote_attests(draw: st.DrawFn) -> bytes:
+    """A quote TPMS_ATTEST with random values, often with one field just out of range."""
+    broken = draw(st.sampled_from([None, None, *ATTEST_FIELDS]))
+    banks = draw(st.lists(
+        st.sampled_from([TpmAlg.SHA1, TpmAlg.SHA256, TpmAlg.SHA384, TpmAlg.SHA512]),
+        min_size=1, max_size=draw(st.sampled_from([1, 1, 3])), unique=True,
+    ))
+    if broken == "hash":
+        banks[-1] = draw(st.sampled_from([TpmAlg.SM3_256, 0x9999]))
+    sizes = [draw(st.integers(5 if broken == "sizeofSelect" else 0, 4 if broken is None else 5))
+             for _ in banks]
+    selection = b"".join(
+        struct.pack(">HB", bank, size) + draw(st.binary(min_size=size, max_size=size))
+        for bank, size in zip(banks, sizes, strict=True)
+    )
+
+    def sized(name: str, maximum: int) -> bytes:
+        if broken == name:
+            return tpm2b(draw(st.binary(min_size=maximum + 1, max_size=maximum + 2)))
+        return tpm2b(draw(st.binary(max_size=maximum)))
+
+    return (
+        struct.pack(">I", draw(st.sampled_from([TPM_GENERATED_VALUE, 0])))
+        + struct.pack(">H", 0x8017 if broken == "type" else StructureTag.ATTEST_QUOTE)
+        + sized("qualifiedSigner", 66)
+        + sized("extraData", 66)
+        + struct.pack(
+            ">QIIBQ",
+            draw(st.integers(0, 2**64 - 1)), draw(st.integers(0, 2**32 - 1)),
+            draw(st.integers(0, 2**32 - 1)),
+            draw(st.sampled_from([2, 255])) if broken == "safe" else draw(st.integers(0, 1)),
+            draw(st.integers(0, 2**64 - 1)),
+        )
+        + struct.pack(">I", len(banks) + (draw(st.sampled_from([-1, 1, 16])) if broken == "count"
+                                          else 0))
+        + selection
+        + sized("pcrDigest", 64)
+    )
+
+
+@st.composite
+def rsa_signatures(draw: st.DrawFn) -> bytes:
+    sig_alg = draw(st.sampled_from([TpmAlg.RSASSA, TpmAlg.RSAPSS, TpmAlg.ECDSA]))
+    hash_alg = draw(st.sampled_from([TpmAlg.SHA1, TpmAlg.SHA256, TpmAlg.SHA512, TpmAlg.SM3_256]))
+    size = draw(st.sampled_from([0, 1, 256, 512, 513]))
+    return struct.pack(">HHH", sig_alg, hash_alg, size) + bytes(size)
+
+
+def mutate(draw: st.DrawFn, sample: bytes) -> bytes:
+    """Apply up to four random edits (the same kinds as ``mutated``) to ``sample``, often none."""
+    data = bytearray(sample)
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 4]))):
+        kind = draw(st.sampled_from(["flip", "set", "cut", "insert"]))
+        position = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "flip" and data:
+            data[position] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set" and data:
+            data[position] = draw(st.sampled_from([0x00, 0x01, 0x03, 0x05, 0x42, 0x80, 0xFF]))
+        elif kind == "cut":
+            del data[position:]
+        else:
+            data[position:position] = draw(st.binary(min_size=1, max_size=4))
+    return bytes(data)
+
+
+@settings(max_examples=1500)
+@given(data=st.data())
+def test_attest_fast_path_matches_field_parser(data: st.DataObject) -> None:
+    attest = mutate(data.draw, data.draw(st.one_of(quote_attests(), st.binary(max_size=200))))
+    expected = parse_outcome(evidence_tpm._parse_tpms_attest_fields, attest)
+
+    fast = evidence_tpm._parse_single_bank_quote(attest)
+
+    if fast is not None:
+        assert repr(fast) == expected
+    assert parse_outcome(parse_tpms_attest, attest) == expected
+
+
+def test_attest_fast_path_takes_one_bank_quotes() -> None:
+    one_bank = make_attest()
+    two_banks = make_attest(selection=PcrSelection.from_text("sha1:10+sha256:0").marshal())
+
+    assert evidence_tpm._parse_single_bank_quote(one_bank) == evidence_tpm._parse_tpms_attest_fields(one_bank)
+    assert evidence_tpm._parse_single_bank_quote(two_banks) is None
+    assert parse_tpms_attest(two_banks).pcr_selection.pcr_count == 2
+
+
+@settings(max_examples=1000)
+@given(data=st.data())
+def test_signature_fast_path_matches_field_parser(data: st.DataObject) -> None:
+    signature = mutate(data.draw, data.draw(st.one_of(rsa_signatures(), st.binary(max_size=40))))
+    expected = parse_outcome(evidence_tpm._parse_tpmt_signature_fields, signature)
+
+    fast = evidence_tpm._parse_rsa_signature(signature)
+
+    if fast is not None:
+        assert repr(fast) == expected
+    assert parse_outcome(parse_tpmt_signature, signature) == expected
+
+
+def write_pcr_file(
+    selection: PcrSelection, values: dict[TpmAlg, dict[int, bytes]], list_sizes: list[int]
+) -> bytes:
+    """Write a PCR file whose digest lists hold ``list_sizes`` values each (at most 8)."""
+    header = marshal_pcr_file(selection, values)[: evidence_tpm._FILE_SELECTION.size]
+    ordered = [values[bank.hash_alg][index] for bank in selection.banks for index in bank.pcrs]
+    parts = [header, struct.pack("<I", len(list_sizes))]
+    for size in list_sizes:
+        chunk, ordered = ordered[:size], ordered[size:]
+        entries: list[Any] = [len(chunk)]
+        for digest in chunk + [b""] * (8 - len(chunk)):
+            entries += [len(digest), digest]
+        parts.append(struct.pack("<I" + "H64s" * 8, *entries))
+    return b"".join(parts)
+
+
+@st.composite
+def pcr_files(draw: st.DrawFn) -> bytes:
+    """A PCR file over one to three banks, in the packed layout or split another way."""
+    banks = draw(st.lists(
+        st.sampled_from(["sha1", "sha256", "sha384", "sha512"]), min_size=1, max_size=3, unique=True,
+    ))
+    text = "+".join(
+        f"{bank}:{','.join(map(str, draw(st.lists(st.integers(0, 23), max_size=12, unique=True))))}"
+        for bank in banks
+    )
+    selection = PcrSelection.from_text(text)
+    values = sample_values(selection)
+    if draw(st.booleans()):
+        return marshal_pcr_file(selection, values)
+    list_sizes: list[int] = []
+    remaining = selection.pcr_count
+    while remaining:
+        list_sizes.append(draw(st.integers(1, min(8, remaining))))
+        remaining -= list_sizes[-1]
+    return write_pcr_file(selection, values, list_sizes)
+
+
+@settings(max_examples=1000)
+@given(data=st.data())
+def test_pcr_file_fast_path_matches_field_reader(data: st.DataObject) -> None:
+    pcr_file = mutate(data.draw, data.draw(pcr_files()))
+    with mock.patch.object(evidence_tpm, "_read_packed_values", return_value=None):
+        expected = parse_outcome(parse_pcr_file, pcr_file)
+
+    assert parse_outcome(parse_pcr_file, pcr_file) == expected
+    try:
+        file_selection = evidence_tpm._read_file_selection(pcr_file[: evidence_tpm._FILE_SELECTION.size])
+    except (ParseError, struct.error):
+        return
+    fast = evidence_tpm._read_packed_values(pcr_file, file_selection)
+    if fast is not None:
+        assert fast == evidence_tpm._read_values(pcr_file, file_selection)
+
+
+def test_pcr_file_fast_path_takes_packed_layout() -> None:
+    selection = PcrSelection.from_text("sha1:16+sha256:0,1,2,3,4,5,6,7,10")
+    values = sample_values(selection)
+    packed = marshal_pcr_file(selection, values)
+    split = write_pcr_file(selection, values, [5, 5])
+    file_selection = evidence_tpm._read_file_selection(packed[: evidence_tpm._FILE_SELECTION.size])
+
+    assert evidence_tpm._read_packed_values(packed, file_selection) == values
+    assert evidence_tpm._read_packed_values(split, file_selection) is None
+    assert parse_pcr_file(split).values == values
