@@ -14,3 +14,11 @@ try:
     from evidence.ima import _accel as accel
 except ImportError:
     accel = None
+
+
+class ReplayThreads:
+    """From how many entries on a replay hashes in two threads (``_accel.replay``)."""
+
+    parallel_from = 4096
+    """Shorter lists are replayed in one thread; starting a thread costs more. Benchmarks set
+    a larger value to measure one thread alone."""

@@ -14,7 +14,7 @@ from evidence.ima.checks import (
     template_hash_findings,
 )
 from evidence.ima.entry import IMA_PCR, TEMPLATE_IMA_BUF, ImaEntry, ImaMeasurementList
-from evidence.ima.native import accel
+from evidence.ima.native import ReplayThreads, accel
 from evidence.ima.replay import ImaReplayState, replay_pcr10
 
 
@@ -189,7 +189,7 @@ def _scan_and_replay(
     """
     if accel is not None:
         prefixes, final, mismatched, violations, other_pcr, buffers = accel.replay(
-            entries, bank, initial, quoted, template_hash_algorithm
+            entries, bank, initial, quoted, template_hash_algorithm, ReplayThreads.parallel_from
         )
         return _Scan(set(prefixes), final, mismatched, violations, other_pcr, buffers)
     check_hash = bank_hash(template_hash_algorithm)
@@ -268,7 +268,7 @@ def _matching_prefixes(
     """Replay ``entries`` into PCR 10 of ``bank``; return the prefix lengths whose value
     equals ``quoted``, and the value after all entries."""
     if accel is not None:
-        prefixes, final, *_ = accel.replay(entries, bank, initial, quoted, None)
+        prefixes, final, *_ = accel.replay(entries, bank, initial, quoted, None, ReplayThreads.parallel_from)
         return set(prefixes), final
     new_hash = bank_hash(bank)
     violation_extend = b"\xff" * BANK_DIGEST_SIZES[bank]
