@@ -27,6 +27,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.context import AppServices, services
+from edgetrust.settings import SettingsError
 from edgetrust.web import RequestError, json_body
 from verifier import jws
 from verifier.api import parse_device_id
@@ -65,7 +66,11 @@ def install(app: Flask, app_services: AppServices) -> tuple[type[Exception], ...
     """
     settings = app_services.settings
     key_path = settings.jws_signing_key or settings.data_dir / SIGNING_KEY_FILE_NAME
-    signer = jws.VerdictSigner(jws.load_or_create_signing_key(key_path), settings.jws_issuer)
+    try:
+        signing_key = jws.load_or_create_signing_key(key_path)
+    except jws.JwsError as error:
+        raise SettingsError(error.message) from None
+    signer = jws.VerdictSigner(signing_key, settings.jws_issuer)
     app_services.extras[_EXTENSION_KEY] = TrustService(
         sessions=app_services.sessions,
         signer=signer,

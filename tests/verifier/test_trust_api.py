@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgetrust.app import create_app
 from edgetrust.db import make_engine, make_session_factory, transaction, upgrade
-from edgetrust.settings import Settings
+from edgetrust.settings import Settings, SettingsError
 from registrar.models import RegisteredDevice
 from verifier import jws
 from verifier.models import VerdictRecord, VerifierDevice
@@ -322,10 +322,34 @@ def test_signing_key_rejects_other_curve(engine: Engine, tmp_path: Path) -> None
     key_file.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
 
-    with pytest.raises(jws.JwsError) as raised:
+    with pytest.raises(SettingsError, match="is not an ECDSA P-256 key"):
         make_trust_env(engine, tmp_path, jws_signing_key=key_file)
 
-    assert raised.value.code == "signing-key-invalid"
+
+def test_serve_reports_an_unusable_signing_key_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from edgetrust.cli import main
+    from edgetrust.commands import server
+
+    def run_gunicorn(*_arguments: Any, **_options: Any) -> None:
+        raise AssertionError("serve started the server despite an unusable signing key")
+
+    monkeypatch.setattr(server, "run_gunicorn", run_gunicorn)
+    key_file = tmp_path / "verdicts.pem"
+    key_file.write_text("not a key")
+    environment = {"EDGETRUST_DATA_DIR": str(tmp_path), "EDGETRUST_DATABASE_URL": None,
+                   "EDGETRUST_CONFIG": None, "EDGETRUST_JWS_SIGNING_KEY": str(key_file)}
+
+    result = CliRunner().invoke(main, ["serve"], env=environment)
+
+    assert result.exit_code == 1, result.output
+    last_line = result.output.strip().splitlines()[-1]
+    assert last_line.startswith(f"Error: cannot load the verdict signing key {key_file}: ")
+    assert last_line.endswith("(setting jws_signing_key)")
+    assert "Traceback" not in result.output
 
 
 def _public_key(jwk: dict[str, str]) -> Any:
