@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/bench_quote.py [--keylime-python /tmp/kbench/venv/bin/python]
+    .venv/bin/python bench/bench_quote.py [--keylime-python .venv-keylime/bin/python]
 
 The script starts swtpm on 127.0.0.1, makes two quotes with tpm2-tools (RSA-2048 AK with
 RSASSA-SHA256 and ECC P-256 AK with ECDSA-SHA256, both over sha256:0,1,2,3,4,5,6,7,10 with a
