@@ -439,7 +439,7 @@ def _check_pcr_digest(
         )
 
     quoted: dict[TpmAlg, dict[int, bytes]] = {}
-    ordered: list[bytes] = []
+    hasher = _HASHERS[hash_alg]()
     for bank in attest.pcr_selection.banks:
         bank_values = pcr_values.get(bank.hash_alg, {})
         if tuple(bank_values) == bank.pcrs:
@@ -461,10 +461,10 @@ def _check_pcr_digest(
                     f"expected {size}",
                     field="pcrValues",
                 )
-        ordered += selected.values()
+            hasher.update(value)
         quoted[bank.hash_alg] = selected
 
-    computed = _HASHERS[hash_alg](b"".join(ordered)).digest()
+    computed = hasher.digest()
     if not hmac.compare_digest(computed, attest.pcr_digest):
         return {}, _error(
             "quote-pcr-digest-mismatch",
