@@ -322,9 +322,10 @@ def test_quote_result_equals_constructed_result(quoting: QuotingDevice) -> None:
 
     result = verify(quoting.ak("rsassa-sha256"), quote)
 
+    assert result.attest is not None
     assert result == QuoteResult(
-        findings=(), attest=result.attest, next_counters=result.attest.clock_info
-        if result.attest else None, pcr_values=quote.values, new_boot_session=False,
+        findings=(), attest=result.attest, next_counters=result.attest.clock_info,
+        pcr_values=quote.values, new_boot_session=False,
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.findings = ()  # type: ignore[misc]
