@@ -1,0 +1,105 @@
+"""Policy uploads that get a 500 instead of a 4xx from a server with trusted signing keys.
+
+The server runs over real HTTP on 127.0.0.1 with SIGNING_KEY as its only key of the setting
+policy_signing_keys and policy_require_signature set. The tests are expected failures until
+the upload route rejects these requests with a client error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from tests.verifier.test_policy_api import (
+    OTHER_KEY,
+    Api,
+    error_of,
+    make_app,
+    runtime_policy,
+    serving_api,
+    signed_upload,
+    write_public_key,
+)
+from verifier.policy_models import Policy
+
+# Lone UTF-16 surrogates are valid JSON string escapes, and json.loads keeps them in the str,
+# but such a str has no UTF-8 form.
+LONE_SURROGATE = "\ud800"
+
+
+@pytest.fixture
+def signed_only(migrated_engine: Engine, tmp_path: Path) -> Iterator[Api]:
+    app = make_app(migrated_engine, tmp_path, policy_require_signature=True,
+                   policy_signing_keys=[str(write_public_key(tmp_path))])
+    with serving_api(app, migrated_engine) as api:
+        yield api
+
+
+def foreign_upload() -> dict[str, Any]:
+    """An upload signed with OTHER_KEY, which the server does not trust, without public_key."""
+    upload = signed_upload(runtime_policy(), OTHER_KEY)
+    del upload["public_key"]
+    return upload
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dsse.pae encodes payloadType as UTF-8, which raises UnicodeEncodeError for a lone "
+    "surrogate, and the upload route turns it into a 500",
+)
+def test_payload_type_with_lone_surrogate(signed_only: Api) -> None:
+    upload = foreign_upload()
+    upload["envelope"]["payloadType"] = LONE_SURROGATE
+
+    response = signed_only.post("surrogate-type", upload)
+
+    assert response.status_code in (400, 403), response.text
+    assert error_of(response)["code"] in ("dsse-envelope-invalid", "dsse-signature-invalid")
+    assert signed_only.count(Policy) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_verification_keys encodes public_key as UTF-8 before loading it, which raises "
+    "UnicodeEncodeError for a lone surrogate, and the upload route turns it into a 500",
+)
+def test_public_key_with_lone_surrogate(signed_only: Api) -> None:
+    upload = foreign_upload()
+    upload["public_key"] = "-----BEGIN PUBLIC KEY-----\n" + LONE_SURROGATE
+
+    response = signed_only.post("surrogate-key", upload)
+
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "signing-key-invalid"
+    assert error_of(response)["field"] == "public_key"
+    assert signed_only.count(Policy) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="json_body catches only JSON that fails to decode, so the RecursionError of a "
+    "deeply nested body becomes a 500",
+)
+def test_deeply_nested_envelope(signed_only: Api) -> None:
+    depth = 100_000
+    body = '{"kind": "runtime", "envelope": ' + "[" * depth + "]" * depth + "}"
+
+    response = signed_only.http.post(f"{signed_only.url}/nested", data=body,
+                                     headers={"Content-Type": "application/json"}, timeout=60)
+
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "invalid-json"
+    assert signed_only.count(Policy) == 0
+
+
+def test_foreign_signature_still_rejected(signed_only: Api) -> None:
+    # Control: the unchanged foreign upload gets the 403 that the tests above expect.
+    response = signed_only.post("foreign", foreign_upload())
+
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "dsse-signature-invalid"
+    assert error_of(response)["field"] == "envelope.signatures"
