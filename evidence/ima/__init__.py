@@ -39,6 +39,7 @@ from evidence.ima.reader import ImaListReader, read_ascii_list
 from evidence.ima.replay import ImaReplayState, extend_value, replay_pcr10
 from evidence.ima.signatures import (
     ImaSignature,
+    PublicKey,
     ima_key_id,
     parse_ima_signature,
     verify_entry_signature,
@@ -62,6 +63,7 @@ __all__ = [
     "ImaReplayState",
     "ImaSignature",
     "ImaVerification",
+    "PublicKey",
     "boot_aggregate_pcrs",
     "check_boot_aggregate",
     "check_buffer_digests",

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.x509.oid import NameOID
 
-from policies.imasig import PublicKey, key_id_v2
+from evidence.ima.signatures import PublicKey
+from policies.imasig import key_id_v2
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 

@@ -1,4 +1,4 @@
-"""IMA signature v2: header parsing, key ids and verification."""
+"""IMA signature v2 as the runtime policy uses it: integer key ids, key loading, PolicyError."""
 
 from __future__ import annotations
 
@@ -34,16 +34,19 @@ DIGEST = hashlib.sha256(b"file content").digest()
 def test_header_fields_are_parsed() -> None:
     parsed = parse_ima_signature(ima_signature(b"\x01\x02\x03", 0xDEADBEEF, "sha384"))
 
-    assert parsed.xattr_type == 3
-    assert parsed.hash_algorithm == "sha384"
     assert parsed.key_id == 0xDEADBEEF
-    assert parsed.signature == b"\x01\x02\x03"
+    assert parsed.parsed.key_id == b"\xde\xad\xbe\xef"
+    assert parsed.parsed.hash_algorithm == "sha384"
+    assert parsed.parsed.signature == b"\x01\x02\x03"
 
 
-def test_portable_signature_type_is_accepted() -> None:
-    parsed = parse_ima_signature(ima_signature(b"\x01", 1, xattr_type=5))
+def test_portable_signature_type_is_unsupported() -> None:
+    # Type 0x05 is an EVM portable signature over file metadata, not over the file digest.
+    with pytest.raises(PolicyError) as caught:
+        parse_ima_signature(ima_signature(b"\x01", 1, xattr_type=5))
 
-    assert parsed.xattr_type == 5
+    assert caught.value.code == "ima-signature-unsupported"
+    assert "type 5" in caught.value.message
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,7 @@ def test_portable_signature_type_is_accepted() -> None:
         (ima_signature(b"\x01", 1, xattr_type=4), "ima-signature-unsupported"),
         (ima_signature(b"\x01", 1, version=1), "ima-signature-unsupported"),
         (struct.pack(">BBBIH", 3, 2, 1, 1, 1) + b"\x01", "ima-signature-unsupported"),
+        (struct.pack(">BBBIH", 3, 2, 99, 1, 1) + b"\x01", "ima-signature-unsupported"),
     ],
 )
 def test_malformed_header_is_rejected(value: bytes, code: str) -> None:
@@ -103,6 +107,14 @@ def test_certificate_without_subject_key_identifier_uses_computed_id() -> None:
     certificate = certificate_der(private, with_skid=False)
 
     assert load_verification_key(certificate).key_id == key_id_v2(private.public_key())
+    assert try_load_buffer_key(certificate).key_id == key_id_v2(private.public_key())  # type: ignore[union-attr]
+
+
+def test_short_skid_uses_computed_id() -> None:
+    private = ec_key()
+    certificate = certificate_der(private, subject_key_id=b"\xca\xfe")
+
+    assert load_verification_key(certificate).key_id == key_id_v2(private.public_key())
 
 
 def test_explicit_key_id_wins() -> None:
@@ -143,7 +155,7 @@ def test_ecdsa_signature_of_each_length_verifies(length: int) -> None:
 
     parsed = parse_ima_signature(ima_signature(signature, key.key_id))
 
-    assert len(parsed.signature) == length
+    assert len(parsed.parsed.signature) == length
     verify_ima_signature(parsed, DIGEST, "sha256", key)
 
 
@@ -177,7 +189,16 @@ def test_signature_naming_other_key_id_is_invalid() -> None:
     with pytest.raises(PolicyError) as caught:
         verify_ima_signature(parsed, DIGEST, "sha256", key)
 
-    assert "key id" in caught.value.message
+    assert caught.value.code == "ima-signature-invalid"
+    assert f"key id {key.key_id ^ 1:08x}" in caught.value.message
+
+
+def test_explicit_key_id_verifies() -> None:
+    private = ec_key()
+    key = load_verification_key(spki_der(private), key_id=0x1234ABCD)
+    parsed = parse_ima_signature(sign_digest(private, DIGEST, key_id=0x1234ABCD))
+
+    verify_ima_signature(parsed, DIGEST, "sha256", key)
 
 
 def test_truncated_digest_is_invalid_not_a_crash() -> None:
