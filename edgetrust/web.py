@@ -165,7 +165,11 @@ def json_body() -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw:
         raise RequestError("invalid-json", "request body is empty; send a JSON object")
-    data = request.get_json(force=True, silent=True)
+    try:
+        data = request.get_json(force=True, silent=True)
+    except RecursionError:
+        raise RequestError("invalid-json", "request body nests JSON arrays or objects too deeply "
+                           "to decode; send a flatter document") from None
     if data is None:
         raise RequestError("invalid-json", "request body is not valid JSON")
     if not isinstance(data, dict):

@@ -87,6 +87,14 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(type_bytes), type_bytes, len(payload), payload)
 
 
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def is_envelope(unverified_document: Mapping[str, Any]) -> bool:
     """Tell whether a decoded JSON object is shaped as a DSSE envelope rather than a policy."""
     return "payload" in unverified_document and "signatures" in unverified_document
@@ -111,6 +119,12 @@ def parse_envelope(unverified_envelope: bytes | str | Mapping[str, Any]) -> Enve
                 code=DSSE_ENVELOPE_INVALID,
                 field=key,
             )
+    if _has_lone_surrogate(document["payloadType"]):
+        raise PolicyError(
+            "DSSE payloadType is not valid Unicode text (it contains a lone surrogate)",
+            code=DSSE_ENVELOPE_INVALID,
+            field="payloadType",
+        )
 
     payload = _decode_base64(document["payload"])
     if payload is None:

@@ -224,7 +224,10 @@ def _verification_keys(unverified_body: Mapping[str, Any], api: PolicyApi) -> tu
                            "key to verify its envelope with", field="public_key")
 
     try:
-        public_key = load_public_key(unverified_pem.encode())
+        public_key = load_public_key(unverified_pem.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise PolicyError("public key is not a PEM public key: it contains a lone surrogate",
+                          code=SIGNING_KEY_INVALID, field="public_key") from None
     except PolicyError as error:
         raise PolicyError(error.message, code=SIGNING_KEY_INVALID, field="public_key") from None
     if not api.trusted_keys:

@@ -51,7 +51,7 @@ static int decode_hex(const unsigned char *text, Py_ssize_t size, unsigned char 
         int high = hex_value[text[2 * i]];
         int low = hex_value[text[2 * i + 1]];
         invalid |= high | low;
-        out[i] = (unsigned char)((high << 4) | low);
+        out[i] = (unsigned char)(((unsigned)high << 4) | ((unsigned)low & 0x0f));
     }
     return invalid >= 0;
 }
@@ -293,7 +293,8 @@ static PyObject *parse_ima_ng(PyObject *Py_UNUSED(module), PyObject *args)
     }
 
     Py_ssize_t index = first_index;
-    while (position < size) {
+    /* Stops before an index that would overflow: the caller's Python code goes on. */
+    while (position < size && index < PY_SSIZE_T_MAX) {
         const unsigned char *line = base + position;
         const unsigned char *newline = memchr(line, '\n', size - position);
         const unsigned char *line_end = newline != NULL ? newline : base + size;
@@ -502,9 +503,11 @@ static const unsigned char *await_measurement(ReplayJob *job, Py_ssize_t positio
 #define PARALLEL_FROM 4096
 
 PyDoc_STRVAR(replay_doc,
-"replay(entries, bank, initial, quoted, check_algorithm, parallel_from=4096)\n"
-"    -> (prefixes, final, mismatched, violations, other_pcr, buffers)\n\n"
-"Replay entries (a list or tuple of ImaEntry) into PCR 10 of bank from initial.\n"
+"replay(entries, entry_type, bank, initial, quoted, check_algorithm, parallel_from=4096)\n"
+"    -> (prefixes, final, mismatched, violations, other_pcr, buffers) or None\n\n"
+"Replay entries (a list or tuple of entry_type, ImaEntry) into PCR 10 of bank from initial.\n"
+"Return None, for the caller's Python code to take over, when an entry is not an\n"
+"entry_type with bytes template hash and data, str template and int index and PCR.\n"
 "prefixes lists each prefix length whose value equals quoted (None: no comparison),\n"
 "final is the value after all entries, violations and other_pcr the indexes of violations\n"
 "and of entries for another PCR, buffers the ima-buf entries. With check_algorithm, a\n"
@@ -515,10 +518,10 @@ PyDoc_STRVAR(replay_doc,
 
 static PyObject *replay(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *entries, *bank_name, *initial, *quoted, *check_name;
+    PyObject *entries, *entry_type, *bank_name, *initial, *quoted, *check_name;
     Py_ssize_t parallel_from = PARALLEL_FROM;
-    if (!PyArg_ParseTuple(args, "OUSOO|n", &entries, &bank_name, &initial, &quoted, &check_name,
-                          &parallel_from))
+    if (!PyArg_ParseTuple(args, "OO!USOO|n", &entries, &PyType_Type, &entry_type, &bank_name,
+                          &initial, &quoted, &check_name, &parallel_from))
         return NULL;
 
     const Bank *bank = find_bank(bank_name);
@@ -596,23 +599,20 @@ static PyObject *replay(PyObject *Py_UNUSED(module), PyObject *args)
     for (Py_ssize_t position = 0; position < count; position++) {
         prefetch_entry(items, position, count);
         PyObject *entry = items[position];
-        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != ENTRY_FIELDS) {
-            PyErr_Format(PyExc_TypeError, "entry %zd is not an ImaEntry", position);
-            goto done;
-        }
+        if (!Py_IS_TYPE(entry, (PyTypeObject *)entry_type) || PyTuple_GET_SIZE(entry) != ENTRY_FIELDS)
+            goto not_taken;
         PyObject *index = PyTuple_GET_ITEM(entry, 0);
         PyObject *pcr_object = PyTuple_GET_ITEM(entry, 1);
         PyObject *hash_object = PyTuple_GET_ITEM(entry, 2);
         PyObject *template = PyTuple_GET_ITEM(entry, 3);
         PyObject *data_object = PyTuple_GET_ITEM(entry, 9);
         if (!PyLong_Check(index) || !PyLong_Check(pcr_object) || !PyBytes_Check(hash_object)
-            || !PyUnicode_Check(template) || !PyBytes_Check(data_object)) {
-            PyErr_Format(PyExc_TypeError, "entry %zd has fields of the wrong types", position);
-            goto done;
-        }
-        long pcr = PyLong_AsLong(pcr_object);
+            || !PyUnicode_Check(template) || !PyBytes_Check(data_object))
+            goto not_taken;
+        int overflow;
+        long pcr = PyLong_AsLongAndOverflow(pcr_object, &overflow);
         if (pcr == -1 && PyErr_Occurred())
-            goto done;
+            goto done; /* not reached for an int */
         const unsigned char *template_hash = (const unsigned char *)PyBytes_AS_STRING(hash_object);
         Py_ssize_t template_hash_length = PyBytes_GET_SIZE(hash_object);
         const char *data = PyBytes_AS_STRING(data_object);
@@ -644,7 +644,7 @@ static PyObject *replay(PyObject *Py_UNUSED(module), PyObject *args)
             }
         }
 
-        if (pcr == IMA_PCR) {
+        if (pcr == IMA_PCR && !overflow) {
             bank->hash(value, bank->size, extend_with, bank->size, value);
         } else if (PyList_Append(other_pcr, index) < 0) {
             goto done;
@@ -671,6 +671,10 @@ static PyObject *replay(PyObject *Py_UNUSED(module), PyObject *args)
 
     result = Py_BuildValue("(Oy#OOOO)", prefixes, (const char *)value, (Py_ssize_t)bank->size,
                            mismatched, violations, other_pcr, buffers);
+    goto done;
+
+not_taken:
+    result = Py_NewRef(Py_None);
 
 done:
     if (thread_running) {
@@ -691,25 +695,27 @@ done:
 /* ---- Runtime policy -------------------------------------------------------------------- */
 
 PyDoc_STRVAR(unlisted_entries_doc,
-"unlisted_entries(entries, digests, zero_hashes, boot_aggregate_name) -> list\n\n"
+"unlisted_entries(entries, entry_type, digests, zero_hashes, boot_aggregate_name) -> list\n\n"
 "Return, in order, the entries that the runtime policy's fast path does not pass: all but\n"
 "the ima and ima-ng entries that are no violation (template hash not in zero_hashes), are\n"
 "not named boot_aggregate_name (None: no name is set aside), and whose digest digests (a\n"
 "dict of path to bytes or to a container of bytes) lists for their path. The caller runs\n"
-"the whole policy check on the returned entries, so an entry that is not an ImaEntry\n"
-"tuple is returned too.");
+"the whole policy check on the returned entries, so an entry that is not an entry_type\n"
+"(ImaEntry) is returned too.");
 
 static PyObject *unlisted_entries(PyObject *Py_UNUSED(module), PyObject *args)
 {
-    PyObject *entries, *digests, *zero_hashes, *boot_aggregate_name;
-    if (!PyArg_ParseTuple(args, "OO!OO", &entries, &PyDict_Type, &digests, &zero_hashes,
-                          &boot_aggregate_name))
+    PyObject *entries, *entry_type, *digests, *zero_hashes, *boot_aggregate_name;
+    if (!PyArg_ParseTuple(args, "OO!O!OO", &entries, &PyType_Type, &entry_type, &PyDict_Type,
+                          &digests, &zero_hashes, &boot_aggregate_name))
         return NULL;
     if (boot_aggregate_name != Py_None && !PyUnicode_Check(boot_aggregate_name)) {
         PyErr_SetString(PyExc_TypeError, "boot_aggregate_name must be a str or None");
         return NULL;
     }
-    PyObject *sequence = PySequence_Fast(entries, "entries must be a list or tuple");
+    /* A tuple holds every entry for the whole loop, whatever the Python code that comparisons
+     * and lookups call does to the caller's list. */
+    PyObject *sequence = PySequence_Tuple(entries);
     if (sequence == NULL)
         return NULL;
     PyObject *unlisted = PyList_New(0);
@@ -718,13 +724,13 @@ static PyObject *unlisted_entries(PyObject *Py_UNUSED(module), PyObject *args)
         return NULL;
     }
 
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
-    PyObject **items = PySequence_Fast_ITEMS(sequence);
+    Py_ssize_t count = PyTuple_GET_SIZE(sequence);
+    PyObject **items = &PyTuple_GET_ITEM(sequence, 0);
     for (Py_ssize_t position = 0; position < count; position++) {
         prefetch_entry(items, position, count);
         PyObject *entry = items[position];
         int listed = 0;
-        if (PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == ENTRY_FIELDS) {
+        if (Py_IS_TYPE(entry, (PyTypeObject *)entry_type) && PyTuple_GET_SIZE(entry) == ENTRY_FIELDS) {
             PyObject *template = PyTuple_GET_ITEM(entry, 3);
             PyObject *path = PyTuple_GET_ITEM(entry, 6);
             PyObject *digest = PyTuple_GET_ITEM(entry, 5);
@@ -746,9 +752,12 @@ static PyObject *unlisted_entries(PyObject *Py_UNUSED(module), PyObject *args)
                     if (allowed == NULL && PyErr_Occurred())
                         goto failed;
                     if (allowed != NULL) {
+                        /* The comparison may run Python code that changes the dict. */
+                        Py_INCREF(allowed);
                         listed = PyBytes_CheckExact(allowed)
                             ? PyObject_RichCompareBool(allowed, digest, Py_EQ)
                             : PySequence_Contains(allowed, digest);
+                        Py_DECREF(allowed);
                         if (listed < 0)
                             goto failed;
                     }

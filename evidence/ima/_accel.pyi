@@ -15,14 +15,16 @@ def parse_ima_ng(
 ) -> int: ...
 def replay(
     entries: Sequence[ImaEntry],
+    entry_type: type[ImaEntry],
     bank: str,
     initial: bytes,
     quoted: bytes | None,
     check_algorithm: str | None,
     parallel_from: int = ...,
-) -> tuple[list[int], bytes, list[ImaEntry], list[int], list[int], list[ImaEntry]]: ...
+) -> tuple[list[int], bytes, list[ImaEntry], list[int], list[int], list[ImaEntry]] | None: ...
 def unlisted_entries(
     entries: Sequence[object],
+    entry_type: type[ImaEntry],
     digests: dict[str, object],
     zero_hashes: frozenset[bytes],
     boot_aggregate_name: str | None,

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import cast
 
 from evidence.errors import ImaParseError
+from evidence.ima import native
 from evidence.ima.algorithms import (
     KERNEL_DIGEST_SIZES,
     TEMPLATE_HASH_ALGORITHM_BY_SIZE,
@@ -29,7 +30,6 @@ from evidence.ima.entry import (
     ImaEntry,
     ImaMeasurementList,
 )
-from evidence.ima.native import accel
 from evidence.ima.template_data import (
     LEGACY_DIGEST_SIZE,
     U32,
@@ -109,7 +109,8 @@ def parse_ascii_list(
     ``ima.log_hash_alg``); without it the length of the first line's column decides.
     Raises ImaParseError naming the line of the first malformed entry.
     """
-    if accel is not None:
+    # The native parser counts indexes in a C integer, so it takes sane start indexes only.
+    if native.accel is not None and abs(start_index) < 1 << 62:
         unverified_data = _native_input(unverified_text)
         if unverified_data is not None:
             return _parse_ascii_natively(unverified_data, start_index, template_hash_algorithm)
@@ -201,7 +202,7 @@ def _native_input(unverified_text: str | bytes) -> str | bytes | None:
     form; other text is encoded first. Text with lone surrogates has no UTF-8 form; the
     Python parser handles it.
     """
-    if isinstance(unverified_text, bytes) or unverified_text.isascii():
+    if isinstance(unverified_text, bytes) or (type(unverified_text) is str and unverified_text.isascii()):
         return unverified_text
     try:
         return unverified_text.encode("utf-8")
@@ -219,6 +220,7 @@ def _parse_ascii_natively(
     """Parse like ``parse_ascii_lines`` over the lines of ``unverified_data`` (bytes or ASCII
     text), letting the native parser take every canonical ima-ng line and ``_parse_line``
     every other one."""
+    accel = native.accel
     assert accel is not None
     newline_mark: str | bytes = b"\n" if isinstance(unverified_data, bytes) else "\n"
     newline = unverified_data.find(newline_mark)  # type: ignore[arg-type]

@@ -7,7 +7,11 @@ stays the reference that the tests compare the native code with.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import ModuleType
+
+from evidence.ima.algorithms import BANK_DIGEST_SIZES
+from evidence.ima.entry import ImaEntry
 
 accel: ModuleType | None
 try:
@@ -22,3 +26,31 @@ class ReplayThreads:
     parallel_from = 4096
     """Shorter lists are replayed in one thread; starting a thread costs more. Benchmarks set
     a larger value to measure one thread alone."""
+
+
+ReplayResult = tuple[list[int], bytes, list[ImaEntry], list[int], list[int], list[ImaEntry]]
+
+
+def replay(
+    entries: Sequence[ImaEntry],
+    bank: str,
+    initial: bytes,
+    quoted: bytes | None,
+    check_algorithm: str | None,
+) -> ReplayResult | None:
+    """Replay ``entries`` natively; see ``_accel.replay`` for the result.
+
+    Return None where the caller's Python code must do it: without the extension, for
+    entries that are not a list or tuple of well-typed ImaEntry tuples, and for an initial
+    value that does not have the bank's size.
+    """
+    if (
+        accel is None
+        or not isinstance(entries, (list, tuple))
+        or len(initial) != BANK_DIGEST_SIZES.get(bank)
+    ):
+        return None
+    result: ReplayResult | None = accel.replay(
+        entries, ImaEntry, bank, initial, quoted, check_algorithm, ReplayThreads.parallel_from
+    )
+    return result

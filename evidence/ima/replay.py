@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evidence.errors import ParseError
+from evidence.ima import native
 from evidence.ima.algorithms import BANK_DIGEST_SIZES, bank_hash
 from evidence.ima.entry import IMA_PCR, ImaEntry
-from evidence.ima.native import ReplayThreads, accel
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +82,10 @@ def replay_pcr10(entries: Iterable[ImaEntry], bank: str, *, initial: bytes | Non
     new_hash = bank_hash(bank)
     violation_extend = b"\xff" * BANK_DIGEST_SIZES[bank]
     value = bytes(BANK_DIGEST_SIZES[bank]) if initial is None else initial
-    if accel is not None and isinstance(entries, (list, tuple)) and len(value) == len(violation_extend):
-        return accel.replay(entries, bank, value, None, None, ReplayThreads.parallel_from)[1]
+    if isinstance(entries, (list, tuple)):
+        replayed = native.replay(entries, bank, value, None, None)
+        if replayed is not None:
+            return replayed[1]
     for entry in entries:
         if entry.pcr != IMA_PCR:
             continue

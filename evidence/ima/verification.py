@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from evidence.findings import Finding, Severity, is_failure
+from evidence.ima import native
 from evidence.ima.algorithms import BANK_DIGEST_SIZES, bank_hash, template_hash_size_of
 from evidence.ima.boot_aggregate import check_boot_aggregate
 from evidence.ima.checks import (
@@ -14,7 +15,6 @@ from evidence.ima.checks import (
     template_hash_findings,
 )
 from evidence.ima.entry import IMA_PCR, TEMPLATE_IMA_BUF, ImaEntry, ImaMeasurementList
-from evidence.ima.native import ReplayThreads, accel
 from evidence.ima.replay import ImaReplayState, replay_pcr10
 
 
@@ -187,10 +187,9 @@ def _scan_and_replay(
 
     One pass does all of it because the loop itself costs as much as one of its hashes.
     """
-    if accel is not None:
-        prefixes, final, mismatched, violations, other_pcr, buffers = accel.replay(
-            entries, bank, initial, quoted, template_hash_algorithm, ReplayThreads.parallel_from
-        )
+    replayed = native.replay(entries, bank, initial, quoted, template_hash_algorithm)
+    if replayed is not None:
+        prefixes, final, mismatched, violations, other_pcr, buffers = replayed
         return _Scan(set(prefixes), final, mismatched, violations, other_pcr, buffers)
     check_hash = bank_hash(template_hash_algorithm)
     new_hash = bank_hash(bank)
@@ -267,9 +266,9 @@ def _matching_prefixes(
 ) -> tuple[set[int], bytes]:
     """Replay ``entries`` into PCR 10 of ``bank``; return the prefix lengths whose value
     equals ``quoted``, and the value after all entries."""
-    if accel is not None:
-        prefixes, final, *_ = accel.replay(entries, bank, initial, quoted, None, ReplayThreads.parallel_from)
-        return set(prefixes), final
+    replayed = native.replay(entries, bank, initial, quoted, None)
+    if replayed is not None:
+        return set(replayed[0]), replayed[1]
     new_hash = bank_hash(bank)
     violation_extend = b"\xff" * BANK_DIGEST_SIZES[bank]
     value = initial

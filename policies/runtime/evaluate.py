@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from evidence.findings import Finding, Severity
-from evidence.ima.native import accel
+from evidence.ima import native
+from evidence.ima.entry import ImaEntry
 from policies.errors import PolicyError
 from policies.imasig import (
     VerificationKey,
@@ -143,12 +144,13 @@ def evaluate_incremental(
     excluded = policy.exclude_matcher.matches
     check_boot_aggregate = boot_aggregates is not None
 
-    native = accel is not None and isinstance(entries, (list, tuple))
-    if native and type(digests) in (dict, ReadOnlyDigestTable):
-        assert accel is not None
+    accel = native.accel
+    native_table = type(digests) in (dict, ReadOnlyDigestTable)
+    if accel is not None and native_table and isinstance(entries, (list, tuple)):
         # The native loop passes the listed entries; the loop below checks the rest again.
+        boot_aggregate_name = BOOT_AGGREGATE if check_boot_aggregate else None
         entries = accel.unlisted_entries(
-            entries, digests, _ZERO_TEMPLATE_HASHES, BOOT_AGGREGATE if check_boot_aggregate else None
+            entries, ImaEntry, digests, _ZERO_TEMPLATE_HASHES, boot_aggregate_name
         )
     for entry in entries:
         template = entry.template

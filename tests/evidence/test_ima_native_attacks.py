@@ -8,7 +8,6 @@ child interpreter. The tests are expected failures until the native code is fixe
 from __future__ import annotations
 
 import contextlib
-import importlib
 import subprocess
 import sys
 import textwrap
@@ -30,15 +29,6 @@ from tests.support.ima import ImaListBuilder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-_MODULES = tuple(
-    importlib.import_module(name)
-    for name in (
-        "evidence.ima.ascii",
-        "evidence.ima.replay",
-        "evidence.ima.verification",
-        "policies.runtime.evaluate",
-    )
-)
 
 needs_native = pytest.mark.skipif(accel is None, reason="the native extension is not built")
 
@@ -46,9 +36,7 @@ needs_native = pytest.mark.skipif(accel is None, reason="the native extension is
 @contextlib.contextmanager
 def python_only() -> Iterator[None]:
     """Run the block on the Python code alone, as without the built extension."""
-    with contextlib.ExitStack() as stack:
-        for module in _MODULES:
-            stack.enter_context(mock.patch.object(module, "accel", None))
+    with mock.patch("evidence.ima.native.accel", None):
         yield
 
 
@@ -78,11 +66,6 @@ def two_line_list() -> bytes:
 
 
 @needs_native
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_ima_ng takes first_index as Py_ssize_t, so a start index of 2**63 or more "
-    "raises OverflowError where the Python parser returns the entries",
-)
 def test_parse_start_index_above_ssize_t() -> None:
     # The verifier passes the device's ima_measurement_list_entry, which has no upper bound,
     # to parse_ascii_list before it compares the index with the saved state.
@@ -96,11 +79,6 @@ def test_parse_start_index_above_ssize_t() -> None:
 
 
 @needs_native
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_ima_ng increments a Py_ssize_t index past PY_SSIZE_T_MAX (signed overflow, "
-    "undefined behaviour), so the second entry gets index -2**63",
-)
 def test_parse_start_index_overflows_index() -> None:
     start = 2**63 - 1
 
@@ -117,11 +95,6 @@ class _Text(str):
 
 
 @needs_native
-@pytest.mark.xfail(
-    strict=True,
-    reason="_native_input passes ASCII str subclasses to parse_ima_ng, which accepts only "
-    "compact ASCII strings and raises TypeError",
-)
 def test_parse_str_subclass() -> None:
     text = _Text(two_line_list().decode())
 
@@ -135,11 +108,6 @@ def test_parse_str_subclass() -> None:
 
 
 @needs_native
-@pytest.mark.xfail(
-    strict=True,
-    reason="accel.replay reads any 10-tuple by position, so replay_pcr10 returns a PCR value "
-    "for tuples that are not ImaEntry where the Python code raises AttributeError",
-)
 def test_replay_plain_tuples_rejected() -> None:
     entries = [tuple(entry) for entry in parse_ascii_list(two_line_list()).entries]
 
@@ -152,11 +120,6 @@ def test_replay_plain_tuples_rejected() -> None:
 
 
 @needs_native
-@pytest.mark.xfail(
-    strict=True,
-    reason="accel.replay converts the PCR with PyLong_AsLong, so an entry for a PCR above "
-    "LONG_MAX raises OverflowError where the Python code skips it as another PCR",
-)
 def test_replay_pcr_above_c_long() -> None:
     entries = [
         entry._replace(pcr=2**64) for entry in parse_ascii_list(two_line_list()).entries
@@ -174,11 +137,6 @@ def test_replay_pcr_above_c_long() -> None:
 
 
 @needs_native
-@pytest.mark.xfail(
-    strict=True,
-    reason="accel.replay raises ValueError for a saved PCR 10 value of the wrong size, where "
-    "the Python code replays from it and reports ima-pcr-mismatch",
-)
 def test_verification_saved_value_of_wrong_size() -> None:
     unverified_list = parse_ascii_list(two_line_list())
     # ImaReplayState.from_json checks the size, but the constructor does not.
@@ -200,7 +158,7 @@ def test_verification_saved_value_of_wrong_size() -> None:
 # use-after-free into a crash instead of a silent read.
 _MUTATED_LIST_SCRIPT = textwrap.dedent(
     """
-    from evidence.ima import parse_ascii_list
+    from evidence.ima import ImaEntry, parse_ascii_list
     from evidence.ima.native import accel
     from tests.support.ima import ImaListBuilder
 
@@ -219,7 +177,7 @@ _MUTATED_LIST_SCRIPT = textwrap.dedent(
 
     zero_hashes = frozenset(bytes(size) for size in (20, 32, 48, 64))
     unlisted = accel.unlisted_entries(
-        entries, {entries[0].path: ClearingContainer()}, zero_hashes, None
+        entries, ImaEntry, {entries[0].path: ClearingContainer()}, zero_hashes, None
     )
     print(sorted({entry.template for entry in unlisted}))
     """
@@ -227,11 +185,6 @@ _MUTATED_LIST_SCRIPT = textwrap.dedent(
 
 
 @needs_native
-@pytest.mark.xfail(
-    strict=True,
-    reason="accel.unlisted_entries iterates PySequence_Fast items without holding the list, "
-    "so a list emptied by Python code it calls is read after it is freed",
-)
 def test_unlisted_entries_list_emptied_during_call() -> None:
     result = subprocess.run(
         [sys.executable, "-c", _MUTATED_LIST_SCRIPT],

@@ -46,11 +46,6 @@ def foreign_upload() -> dict[str, Any]:
     return upload
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dsse.pae encodes payloadType as UTF-8, which raises UnicodeEncodeError for a lone "
-    "surrogate, and the upload route turns it into a 500",
-)
 def test_payload_type_with_lone_surrogate(signed_only: Api) -> None:
     upload = foreign_upload()
     upload["envelope"]["payloadType"] = LONE_SURROGATE
@@ -62,11 +57,6 @@ def test_payload_type_with_lone_surrogate(signed_only: Api) -> None:
     assert signed_only.count(Policy) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_verification_keys encodes public_key as UTF-8 before loading it, which raises "
-    "UnicodeEncodeError for a lone surrogate, and the upload route turns it into a 500",
-)
 def test_public_key_with_lone_surrogate(signed_only: Api) -> None:
     upload = foreign_upload()
     upload["public_key"] = "-----BEGIN PUBLIC KEY-----\n" + LONE_SURROGATE
@@ -79,11 +69,6 @@ def test_public_key_with_lone_surrogate(signed_only: Api) -> None:
     assert signed_only.count(Policy) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="json_body catches only JSON that fails to decode, so the RecursionError of a "
-    "deeply nested body becomes a 500",
-)
 def test_deeply_nested_envelope(signed_only: Api) -> None:
     depth = 100_000
     body = '{"kind": "runtime", "envelope": ' + "[" * depth + "]" * depth + "}"
