@@ -258,7 +258,7 @@ def parse_quote_response(status: int, unverified_body: bytes) -> Evidence:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ValueError("a body that is not JSON") from None
     if not isinstance(value, dict):
         raise ValueError(f"a JSON {type(value).__name__} instead of an object")

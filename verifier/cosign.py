@@ -447,7 +447,7 @@ class _SimpleSigningCheck(_Check):
             claim_type = critical["type"]
             claimed_digest = critical["image"]["docker-manifest-digest"]
             claimed_reference = critical["identity"]["docker-reference"]
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, RecursionError):
             raise self.fail(IMAGE_SIGNATURE_INVALID,
                             f"signed payload {payload_digest} of image {self.reference} is not "
                             "a simple-signing document with critical.type, critical.image and "
@@ -528,7 +528,7 @@ class _BundleCheck(_Check):
     def _message_signature(self, body: bytes, digest: str) -> dict[str, Any]:
         try:
             bundle = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             bundle = None
         if not isinstance(bundle, dict) or bundle.get("mediaType") != BUNDLE_MEDIA_TYPE:
             raise self.fail(IMAGE_SIGNATURE_INVALID,

@@ -219,7 +219,7 @@ def verify_compact(token: str, public_key: ec.EllipticCurvePublicKey) -> dict[st
 def _json_object(data: bytes, part: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise JwsError(f"JWS {part} is not JSON", code="jws-malformed") from None
     if not isinstance(value, dict):
         raise JwsError(f"JWS {part} is not a JSON object", code="jws-malformed")

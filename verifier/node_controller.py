@@ -115,7 +115,7 @@ class TrustClient:
             if not isinstance(items, list):
                 raise TypeError
             return items
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise TrustApiError(f"POST {url} returned a body without a list of verdicts") from None
 
     def stream_url(self) -> str:

@@ -243,7 +243,7 @@ def parse_json_document(body: bytes, what: str) -> dict[str, Any]:
     """Decode a manifest or index. Raises RegistryError ``registry-response-invalid``."""
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RegistryError(REGISTRY_RESPONSE_INVALID, f"{what} is not valid JSON") from None
     if not isinstance(document, dict):
         raise RegistryError(REGISTRY_RESPONSE_INVALID, f"{what} is not a JSON object")
@@ -481,7 +481,7 @@ class RegistryClient:
 def _token_of(response: requests.Response, realm: str) -> _Token:
     try:
         document = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         document = None
     if not isinstance(document, dict):
         raise RegistryError(REGISTRY_RESPONSE_INVALID, f"token service {realm} returned no "

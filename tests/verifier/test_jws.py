@@ -100,6 +100,9 @@ def test_other_key_fails(signer: jws.VerdictSigner) -> None:
     ("eyJhbGciOiJub25lIn0.e30.", "jws-algorithm-invalid"),
     ("eyJhbGciOiJFUzI1NiJ9.e30.AAAA", "jws-signature-invalid"),
     ("!!!.e30.AAAA", "jws-malformed"),
+    # A header nested too deeply for the JSON decoder.
+    (base64.urlsafe_b64encode(b"[" * 100_000 + b"]" * 100_000).decode().rstrip("=") + ".e30.AAAA",
+     "jws-malformed"),
 ])
 def test_verify_compact_rejects(signer: jws.VerdictSigner, token: str, code: str) -> None:
     with pytest.raises(jws.JwsError) as raised:

@@ -221,6 +221,7 @@ def body(results: object, code: int = 200) -> bytes:
     [
         (500, body({}, 500), "HTTP 500"),
         (200, b"<html>", "not JSON"),
+        (200, b"[" * 100_000 + b"]" * 100_000, "not JSON"),
         (200, b"[]", "JSON list"),
         (200, body([]), "no 'results' object"),
         (200, body({"hash_alg": "sha256"}), "'quote' is missing"),
