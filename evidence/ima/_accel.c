@@ -713,8 +713,8 @@ static PyObject *unlisted_entries(PyObject *Py_UNUSED(module), PyObject *args)
         PyErr_SetString(PyExc_TypeError, "boot_aggregate_name must be a str or None");
         return NULL;
     }
-    /* A tuple holds every entry for the whole loop, whatever the Python code that comparisons
-     * and lookups call does to the caller's list. */
+    /* A tuple keeps every entry alive for the whole loop, whatever the Python code that
+     * comparisons and lookups call does to the caller's list. */
     PyObject *sequence = PySequence_Tuple(entries);
     if (sequence == NULL)
         return NULL;
