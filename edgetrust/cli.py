@@ -7,6 +7,7 @@ import click
 from edgetrust import __version__
 from edgetrust.commands.agent import agent_command
 from edgetrust.commands.car import car_group
+from edgetrust.commands.db import prune_command
 from edgetrust.commands.demo import demo_command
 from edgetrust.commands.evidence import evidence_group
 from edgetrust.commands.gate import gate_command
@@ -27,6 +28,7 @@ def main() -> None:
 main.add_command(serve_command)
 main.add_command(poll_command)
 main.add_command(db_group)
+db_group.add_command(prune_command)
 main.add_command(evidence_group)
 main.add_command(agent_command)
 main.add_command(policy_group)

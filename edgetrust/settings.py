@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +245,23 @@ class Settings:
     webhook_threads: int = _setting(
         4, "Deliveries one delivery worker sends at the same time.")
 
+    # Retention (pruned by every poller, and by `edgetrust db prune`)
+    attestation_retention: timedelta = _setting(
+        timedelta(days=7), "How long attestation rows are kept, as a duration such as 7d, 36h or "
+        "90m, or a number of seconds. Each device's latest attestation, the one that issued its "
+        "current verdict and the one that last changed its verdict are kept however old they "
+        "are. 0 keeps every row.")
+    outbox_retention: timedelta = _setting(
+        timedelta(days=3), "How long webhook deliveries that were delivered or failed are kept "
+        "after their last attempt, as a duration like attestation_retention. Pending deliveries "
+        "are never deleted. 0 keeps every row.")
+    retention_interval: float = _setting(
+        600.0, "Seconds between two prune passes of each poller; on PostgreSQL one poller "
+        "prunes at a time. 0 turns pruning in the pollers off, leaving it to `edgetrust db "
+        "prune`.")
+    retention_batch_size: int = _setting(
+        5000, "Rows one prune transaction deletes at most, so that no pass holds long locks.")
+
     # Admission webhook and rollout gate
     admission_timeout: float = _setting(
         10.0, "timeoutSeconds of the ValidatingWebhookConfiguration, 1 to 30. The webhook "
@@ -393,6 +412,8 @@ def _convert(name: str, value: Any) -> Any:
     try:
         if kind is Path:
             return None if value in ("", None) else Path(value).expanduser()
+        if kind is timedelta:
+            return parse_duration(value)
         if kind is int and not isinstance(value, bool):
             return int(value)
         if kind is float:
@@ -420,4 +441,28 @@ def _type_name(kind: Any) -> str:
     if typing.get_origin(kind) is list:
         return "a list of strings"
     return {int: "an integer", float: "a number", bool: "true or false", Path: "a path",
-            str: "a string"}.get(kind, str(kind))
+            str: "a string", timedelta: _DURATION_FORMAT}.get(kind, str(kind))
+
+
+_DURATION_FORMAT = "a duration such as 2w, 7d, 36h, 90m or 30s, or a number of seconds"
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Parse a non-negative duration: seconds as a number, or text like ``2w``, ``7d``, ``90m``.
+
+    Raises ValueError or TypeError for anything else, including negative numbers.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"expected a number or a string, got {type(value).__name__}")
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip().lower())
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        seconds = float(value)
+    if not 0 <= seconds < timedelta.max.total_seconds():
+        raise ValueError(f"{value!r} is out of range")
+    return timedelta(seconds=seconds)

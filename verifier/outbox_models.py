@@ -11,7 +11,8 @@
 - ``verifier_push_challenges``: the challenges issued to push-mode devices. Each is single-use
   and valid until its ``expires_at``.
 
-NOTE: nothing deletes delivered deliveries yet; like attestation rows they need a retention job.
+``verifier.retention`` deletes delivered and failed deliveries older than the setting
+``outbox_retention``. Pending ones stay until they are delivered or fail.
 """
 
 from __future__ import annotations

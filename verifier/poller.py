@@ -21,7 +21,8 @@ One cycle for one device:
    ``backoff_max`` seconds; its state is kept unchanged.
 
 Everything a poller knows lives in the database, so a restarted poller continues with the
-next IMA entry of each device. Concurrency is a thread pool of ``threads`` workers.
+next IMA entry of each device. Concurrency is a thread pool of ``threads`` workers. A thread
+beside the pool deletes old attestation and outbox rows (``verifier.retention``).
 
 NOTE: leases compare the pollers' own clocks. Pollers on several hosts need synchronised
 clocks (NTP); a poller whose clock runs ahead by more than the lease margin could claim a
@@ -80,6 +81,7 @@ from verifier.errors import AgentError, VerifierError
 from verifier.models import Attestation, VerdictRecord, VerifierDevice
 from verifier.outbox_models import PushDevice
 from verifier.policy_models import Policy, PolicyVersion
+from verifier.retention import Pruner, RetentionOptions
 from verifier.state import DeviceState
 from verifier.verdicts import AppliedPolicy, Verdict, VerdictStatus, unknown_verdict
 
@@ -359,8 +361,10 @@ class Poller:
         resolver: PolicyResolver | None = None,
         clock: Callable[[], datetime] = utc_now,
         nonce_source: Callable[[], str] = new_nonce,
+        pruner: Pruner | None = None,
     ) -> None:
         self._sessions = sessions
+        self._pruner = pruner
         self._client = client
         self.options = options
         self._resolver = resolver or PolicyResolver()
@@ -378,6 +382,8 @@ class Poller:
         threads = self.options.threads
         log.info("poller %s started: %d threads, agents reached over %s", self.options.poller_id,
                  threads, "mutual TLS" if self._client.mtls else "plain HTTP")
+        # Prune passes run in their own thread, so that a long one never delays claims.
+        pruning = self._pruner.start(stop) if self._pruner is not None else None
         in_flight: set[Future[None]] = set()
         with ThreadPoolExecutor(threads, thread_name_prefix="poller") as pool:
             while not stop.is_set():
@@ -395,6 +401,8 @@ class Poller:
                 else:
                     stop.wait(self.options.idle_wait)
             wait(in_flight)
+        if pruning is not None:
+            pruning.join()
         log.info("poller %s stopped", self.options.poller_id)
 
     def run_once(self) -> int:
@@ -705,4 +713,7 @@ def build_poller(settings: Settings, sessions: sessionmaker[Session]) -> Poller:
         log.warning("verifier_agent_mtls is false: agents are reached over plain HTTP. Quotes are "
                     "still verified with each device's AK, but the connection is not authenticated "
                     "and its contents can be read on the network")
-    return Poller(sessions, client, PollerOptions.from_settings(settings))
+    options = PollerOptions.from_settings(settings)
+    retention = RetentionOptions.from_settings(settings)
+    pruner = Pruner(sessions.kw["bind"], retention) if retention.interval > 0 else None
+    return Poller(sessions, client, options, pruner=pruner)
