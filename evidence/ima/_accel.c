@@ -317,6 +317,25 @@ static PyObject *parse_ima_ng(PyObject *Py_UNUSED(module), PyObject *args)
     return PyLong_FromSsize_t(position);
 }
 
+PyDoc_STRVAR(entries_tuple_doc,
+"entries_tuple(entries) -> tuple\n\n"
+"Return the list entries as a tuple that the cyclic garbage collector does not track. Only\n"
+"for entries that hold bytes, strings, integers and None, as the parsers build them: such\n"
+"a tuple cannot be part of a reference cycle, and the collector would otherwise visit every\n"
+"entry once before it untracks the tuple itself.");
+
+static PyObject *entries_tuple(PyObject *Py_UNUSED(module), PyObject *list)
+{
+    if (!PyList_Check(list)) {
+        PyErr_SetString(PyExc_TypeError, "entries must be a list");
+        return NULL;
+    }
+    PyObject *tuple = PyList_AsTuple(list);
+    if (tuple != NULL && PyObject_GC_IsTracked(tuple))
+        PyObject_GC_UnTrack(tuple);
+    return tuple;
+}
+
 /* ---- Replay ------------------------------------------------------------------------------ */
 
 /* Hash first || second (second may be empty) into out. */
@@ -778,6 +797,7 @@ failed:
 
 static PyMethodDef methods[] = {
     {"parse_ima_ng", parse_ima_ng, METH_VARARGS, parse_ima_ng_doc},
+    {"entries_tuple", entries_tuple, METH_O, entries_tuple_doc},
     {"replay", replay, METH_VARARGS, replay_doc},
     {"unlisted_entries", unlisted_entries, METH_VARARGS, unlisted_entries_doc},
     {NULL, NULL, 0, NULL},

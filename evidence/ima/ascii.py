@@ -252,7 +252,9 @@ def _parse_ascii_natively(
                     f"line {line_number}: {error.message}", code=error.code, line=line_number
                 ) from None
             position = line_end + 1
-    return ImaMeasurementList(tuple(entries), start_index, algorithm, "ascii")
+        # Made while collection is paused, so that no collection visits the list first.
+        parsed = accel.entries_tuple(entries)
+    return ImaMeasurementList(parsed, start_index, algorithm, "ascii")
 
 
 def format_ascii_list(entries: Sequence[ImaEntry]) -> str:

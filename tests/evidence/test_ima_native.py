@@ -9,6 +9,7 @@ findings, on lists built here and on the same lists mutated at random.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -287,3 +288,21 @@ def test_native_parser_reads_bytes_and_ascii_text_only() -> None:
         accel.parse_ima_ng("é" + line.decode(), 0, 0, 20, ImaEntry, "ima-ng", table, [])
     with pytest.raises(TypeError, match="bytes or ASCII str"):
         accel.parse_ima_ng(bytearray(line), 0, 0, 20, ImaEntry, "ima-ng", table, [])
+
+
+@needs_native
+def test_parsed_entries_are_left_out_of_cycle_collection() -> None:
+    assert accel is not None
+    builder = ImaListBuilder()
+    for number in range(3):
+        builder.ima_ng(f"/bin/tool{number}".encode(), b"x")
+    builder.ima_sig(b"/bin/signed", b"y", signature=b"\x03\x02")
+
+    parsed = parse_ascii_list(builder.ascii_bytes())
+
+    # Entries hold only bytes, strings, integers and None, so neither they nor the tuple of
+    # them can be part of a reference cycle.
+    assert not gc.is_tracked(parsed.entries)
+    assert not any(gc.is_tracked(entry) for entry in parsed.entries[:3])
+    with pytest.raises(TypeError, match="must be a list"):
+        accel.entries_tuple(tuple(parsed.entries))  # type: ignore[arg-type]
