@@ -50,6 +50,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import tracemalloc
 from pathlib import Path
@@ -470,12 +471,13 @@ def target_text(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
     warm = theirs["full"]["warm_s"] / ours["full"]["warm_s"]
     incremental = theirs["incremental"]["with_deserialize_s"] / ours["incremental"]["by_hash_s"]
     met = min(first, warm, incremental) >= 10
-    return (
+    return textwrap.fill(
         f"Targets: the first full evaluation and the incremental one at least 10 times as fast as "
         f"Keylime's, and memory that does not grow with the number of devices sharing a policy. "
         f"This run gave {first:.1f} times for the first full evaluation in a fresh process, "
         f"{warm:.1f} times warm and {incremental:,.0f} times for the incremental one, so the "
-        f"speed targets were {'met' if met else 'not met'}; the memory rows show the third."
+        f"speed targets were {'met' if met else 'not met'}; the memory rows show the third.",
+        width=95,
     )
 
 
