@@ -1,12 +1,15 @@
 /*
  * Native fast paths for IMA measurement lists: parsing canonical ima-ng lines of the ASCII
- * form, and replaying entries into PCR 10 with the template-hash check.
+ * form, replaying entries into PCR 10 with the template-hash check, and the first pass of a
+ * runtime-policy check.
  *
- * Both functions mirror Python code that stays the reference (evidence/ima/ascii.py and
- * evidence/ima/verification.py) and that the tests compare them with on random and mutated
- * input. The parser accepts only lines that the Python fast path accepts and builds the same
- * ImaEntry tuple; at any other line it stops and returns that line's offset, so the Python
- * parser reports or accepts it. Every read is bounded by the end of the current line.
+ * Each function mirrors Python code that stays the reference (evidence/ima/ascii.py,
+ * verification.py and replay.py, policies/runtime/evaluate.py), and the tests compare both on
+ * random and mutated input. The parser accepts only lines that the Python fast path accepts
+ * and builds the same ImaEntry tuple; at any other line it stops and returns that line's
+ * offset, so the Python parser reports or accepts it. Every read is bounded by the end of the
+ * current line. The replay and the policy pass hand back to the Python code, or return the
+ * entries for it to check, wherever an entry is not an ImaEntry of the expected field types.
  *
  * Hashes come from OpenSSL's libcrypto, the library that hashlib and cryptography use. The
  * replay calls its one-shot SHA functions rather than EVP: OpenSSL 3 deprecates them, but
