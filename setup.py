@@ -1,4 +1,4 @@
-"""Build the native fast paths for IMA list parsing and replay (evidence/ima/native.py).
+"""Build the native IMA fast paths, evidence/ima/_accel.c (see evidence/ima/native.py).
 
 Everything else about the package is in pyproject.toml. The extension links the libcrypto
 that hashlib and cryptography use, so the build needs gcc and libssl-dev.

@@ -466,7 +466,7 @@ def build_table(inputs: dict[str, Any], ours: dict[str, Any], theirs: dict[str, 
 
 
 def target_text(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
-    """Say whether this run met the targets: 10 times Keylime on the first two rows."""
+    """Return a paragraph that says whether this run met the targets of 10 times Keylime."""
     first = theirs["full"]["first_s"] / ours["full"]["first_s"]
     warm = theirs["full"]["warm_s"] / ours["full"]["warm_s"]
     incremental = theirs["incremental"]["with_deserialize_s"] / ours["incremental"]["by_hash_s"]

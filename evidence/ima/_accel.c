@@ -6,9 +6,9 @@
  * Each function mirrors Python code that stays the reference (evidence/ima/ascii.py,
  * verification.py and replay.py, policies/runtime/evaluate.py), and the tests compare both on
  * random and mutated input. The parser accepts only lines that the Python fast path accepts
- * and builds the same ImaEntry tuple; at any other line it stops and returns that line's
- * offset, so the Python parser reports or accepts it. Every read is bounded by the end of the
- * current line. The replay and the policy pass hand back to the Python code, or return the
+ * and builds the same ImaEntry tuple. At any other line it stops and returns that line's
+ * offset, so that the Python parser reports or accepts the line. Every read is bounded by the
+ * end of the current line. The replay and the policy pass hand back to the Python code, or return the
  * entries for it to check, wherever an entry is not an ImaEntry of the expected field types.
  *
  * Hashes come from OpenSSL's libcrypto, the library that hashlib and cryptography use. The
@@ -32,7 +32,7 @@
 #define IMA_PCR 10
 #define MAX_DIGEST 64
 
-/* Lowercase hexadecimal digit values; -1 for every other byte, uppercase included. */
+/* Values of lowercase hexadecimal digits. Every other byte, uppercase included, maps to -1. */
 static signed char hex_value[256];
 
 static void init_hex_table(void)
@@ -44,9 +44,8 @@ static void init_hex_table(void)
         hex_value['a' + digit] = (signed char)(10 + digit);
 }
 
-/* Decode 2 * size lowercase hex digits into size bytes; return 0 on any other character.
- * A bad digit makes `invalid` negative; checking it once at the end keeps the loop free of
- * branches. */
+/* Decode 2 * size lowercase hex digits into size bytes, or return 0 for any other character.
+ * A bad digit makes `invalid` negative, which is checked once after the loop. */
 static int decode_hex(const unsigned char *text, Py_ssize_t size, unsigned char *out)
 {
     int invalid = 0;
@@ -107,7 +106,8 @@ static int load_digest_kinds(PyObject *table, DigestKind *kinds, Py_ssize_t *cou
         kinds[i].digest_size = PyLong_AsSsize_t(PyTuple_GET_ITEM(row, 2));
         if (kinds[i].digest_size < 0 || kinds[i].digest_size > MAX_DIGEST) {
             if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_ValueError, "d-ng table digest size out of range");
+                PyErr_Format(PyExc_ValueError, "d-ng table digest size %zd is invalid; expected 0 to 64",
+                             kinds[i].digest_size);
             return 0;
         }
         kinds[i].name = PyTuple_GET_ITEM(row, 3);
@@ -231,8 +231,8 @@ static PyObject *parse_line(PyTypeObject *entry_type, PyObject *template_name,
     PyTuple_SET_ITEM(entry, 7, Py_None);
     PyTuple_SET_ITEM(entry, 8, Py_None);
     PyTuple_SET_ITEM(entry, 9, template_data);
-    /* Bytes, strings, integers and None cannot form reference cycles, so the cyclic
-     * collector need never visit the entry; CPython untracks plain tuples like it lazily. */
+    /* Bytes, strings, integers and None cannot form reference cycles, so the cyclic collector
+     * need not visit the entry. Its own collections untrack such plain tuples too, but later. */
     PyObject_GC_UnTrack(entry);
     return entry;
 
@@ -427,8 +427,8 @@ static inline void prefetch_entry(PyObject **items, Py_ssize_t position, Py_ssiz
  * cannot be split, and hashes the template data of the first `split` entries itself. A
  * second thread hashes the template data of the entries from `split` on, publishing how far
  * it got, and then checks every template hash of an algorithm other than the bank's. With
- * such a check, split is half the list and each thread makes about 1.5 hashes per entry
- * instead of 3 in one thread; without it, split is 0 and each makes one.
+ * such a check, split is half the list, so each thread makes about 1.5 hashes per entry
+ * instead of 3 in one thread. Without it, split is 0 and each thread makes one.
  *
  * The second thread reads entries that the caller keeps alive and unchanged: a tuple of
  * tuples of bytes, all immutable, while the calling thread holds the GIL for the whole time,
@@ -439,7 +439,7 @@ typedef struct {
     Py_ssize_t count;
     const Bank *bank;
     const Bank *check;          /* template-hash algorithm other than the bank's, or NULL */
-    const Bank *violations;     /* the check_algorithm that tells violations, or NULL */
+    const Bank *violations;     /* the check_algorithm that defines violations, or NULL */
     Py_ssize_t split;
     unsigned char *measurements; /* bank digests of entries split .. count - 1 */
     unsigned char *mismatched;   /* one flag per entry, when check is set */
@@ -548,18 +548,21 @@ static PyObject *replay(PyObject *Py_UNUSED(module), PyObject *args)
 
     const Bank *bank = find_bank(bank_name);
     if (bank == NULL) {
-        PyErr_Format(PyExc_ValueError, "bank %R cannot be replayed", bank_name);
+        PyErr_Format(PyExc_ValueError, "bank %R is not supported; expected sha1, sha256, sha384 "
+                     "or sha512", bank_name);
         return NULL;
     }
     const Bank *check = NULL;
     if (check_name != Py_None) {
         if (!PyUnicode_Check(check_name) || (check = find_bank(check_name)) == NULL) {
-            PyErr_Format(PyExc_ValueError, "template hash algorithm %R is not supported", check_name);
+            PyErr_Format(PyExc_ValueError, "template hash algorithm %R is not supported; expected "
+                         "sha1, sha256, sha384, sha512 or None", check_name);
             return NULL;
         }
     }
     if (PyBytes_GET_SIZE(initial) != bank->size) {
-        PyErr_Format(PyExc_ValueError, "initial PCR 10 value must have %d bytes", bank->size);
+        PyErr_Format(PyExc_ValueError, "initial PCR 10 value has %zd bytes, expected %d for %s",
+                     PyBytes_GET_SIZE(initial), bank->size, bank->name);
         return NULL;
     }
     const unsigned char *quoted_bytes = NULL;

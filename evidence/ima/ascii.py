@@ -109,7 +109,7 @@ def parse_ascii_list(
     ``ima.log_hash_alg``); without it the length of the first line's column decides.
     Raises ImaParseError naming the line of the first malformed entry.
     """
-    # The native parser counts indexes in a C integer, so it takes sane start indexes only.
+    # The native parser counts indexes in a C integer, so it takes start indexes below 2**62.
     if native.accel is not None and abs(start_index) < 1 << 62:
         unverified_data = _native_input(unverified_text)
         if unverified_data is not None:
@@ -185,12 +185,7 @@ def parse_ascii_lines(
                 entry = None
 
             if entry is None:
-                try:
-                    entry = _parse_line(line, start_index + line_number - 1, template_hash_size)
-                except ImaParseError as error:
-                    raise ImaParseError(
-                        f"line {line_number}: {error.message}", code=error.code, line=line_number
-                    ) from None
+                entry = _parse_numbered_line(line, line_number, start_index, template_hash_size)
             append(entry)
     return ImaMeasurementList(tuple(entries), start_index, algorithm, "ascii")
 
@@ -244,15 +239,9 @@ def _parse_ascii_natively(
             newline = unverified_data.find(newline_mark, position)  # type: ignore[arg-type]
             line_end = size if newline < 0 else newline
             line = _line_text(unverified_data[position:line_end])
-            line_number = len(entries) + 1
-            try:
-                entries.append(_parse_line(line, start_index + len(entries), template_hash_size))
-            except ImaParseError as error:
-                raise ImaParseError(
-                    f"line {line_number}: {error.message}", code=error.code, line=line_number
-                ) from None
+            entries.append(_parse_numbered_line(line, len(entries) + 1, start_index, template_hash_size))
             position = line_end + 1
-        # Made while collection is paused, so that no collection visits the list first.
+        # Built while collection is paused, so that no collection visits the entries first.
         parsed = accel.entries_tuple(entries)
     return ImaMeasurementList(parsed, start_index, algorithm, "ascii")
 
@@ -290,6 +279,18 @@ def _infer_template_hash_algorithm(lines: Sequence[str]) -> str:
             line=1,
         )
     return algorithm
+
+
+def _parse_numbered_line(
+    line: str, line_number: int, start_index: int, template_hash_size: int
+) -> ImaEntry:
+    """Parse line ``line_number`` (from 1) with ``_parse_line``, naming the line in any error."""
+    try:
+        return _parse_line(line, start_index + line_number - 1, template_hash_size)
+    except ImaParseError as error:
+        raise ImaParseError(
+            f"line {line_number}: {error.message}", code=error.code, line=line_number
+        ) from None
 
 
 def _parse_line(line: str, index: int, template_hash_size: int) -> ImaEntry:

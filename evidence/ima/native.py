@@ -21,11 +21,11 @@ except ImportError:
 
 
 class ReplayThreads:
-    """From how many entries on a replay hashes in two threads (``_accel.replay``)."""
+    """Threshold from which ``_accel.replay`` hashes a list in two threads."""
 
     parallel_from = 4096
-    """Shorter lists are replayed in one thread; starting a thread costs more. Benchmarks set
-    a larger value to measure one thread alone."""
+    """Entry count from which a replay uses a second thread. Shorter lists are replayed in one
+    thread because starting a thread costs more. Benchmarks raise it to measure one thread."""
 
 
 ReplayResult = tuple[list[int], bytes, list[ImaEntry], list[int], list[int], list[ImaEntry]]
@@ -38,7 +38,7 @@ def replay(
     quoted: bytes | None,
     check_algorithm: str | None,
 ) -> ReplayResult | None:
-    """Replay ``entries`` natively; see ``_accel.replay`` for the result.
+    """Replay ``entries`` natively and return what ``_accel.replay`` returns.
 
     Return None where the caller's Python code must do it: without the extension, for
     entries that are not a list or tuple of well-typed ImaEntry tuples, and for an initial

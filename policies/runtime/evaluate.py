@@ -147,7 +147,7 @@ def evaluate_incremental(
     accel = native.accel
     native_table = type(digests) in (dict, ReadOnlyDigestTable)
     if accel is not None and native_table and isinstance(entries, (list, tuple)):
-        # The native loop passes the listed entries; the loop below checks the rest again.
+        # The native loop skips the listed entries, and the loop below checks the rest again.
         boot_aggregate_name = BOOT_AGGREGATE if check_boot_aggregate else None
         entries = accel.unlisted_entries(
             entries, ImaEntry, digests, _ZERO_TEMPLATE_HASHES, boot_aggregate_name

@@ -1,7 +1,8 @@
 """The native IMA fast paths (evidence/ima/_accel.c) against the Python code they mirror.
 
-Each test runs the public function twice, once as installed and once with every module's
-``accel`` set to None, which is how a source tree without the built extension runs. Both
+Each test runs the public function twice, once as installed and once with
+``evidence.ima.native.accel`` set to None, which is how a source tree without the built
+extension runs. Both
 runs must give the same entries, the same errors, the same replayed values and the same
 findings, on lists built here and on the same lists mutated at random.
 """
@@ -37,8 +38,6 @@ from tests.support.ima import BANK_SIZES, ImaListBuilder
 
 FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
 REAL_LIST = FIXTURES / "ima" / "rust-keylime-agent.ascii"
-
-# Modules by name: the packages export functions of the same names as some of them.
 
 Result = TypeVar("Result")
 
@@ -209,7 +208,7 @@ needs_native = pytest.mark.skipif(accel is None, reason="the native extension is
 
 
 @needs_native
-def test_native_replay_leaves_what_is_not_an_entry_to_python() -> None:
+def test_replay_of_non_entries_returns_none() -> None:
     assert accel is not None
     entry = parse_ascii_list(ImaListBuilder().ima_ng(b"/bin/sh", b"x").ascii_line()).entries[0]
 
@@ -218,16 +217,16 @@ def test_native_replay_leaves_what_is_not_an_entry_to_python() -> None:
     assert accel.replay([tuple(entry)], ImaEntry, "sha256", bytes(32), None, None) is None
     text_data = entry._replace(template_data="text")
     assert accel.replay([text_data], ImaEntry, "sha256", bytes(32), None, None) is None
-    with pytest.raises(ValueError, match="must have 32 bytes"):
+    with pytest.raises(ValueError, match="has 20 bytes, expected 32 for sha256"):
         accel.replay([entry], ImaEntry, "sha256", bytes(20), None, None)
-    with pytest.raises(ValueError, match="cannot be replayed"):
+    with pytest.raises(ValueError, match="bank .md5. is not supported"):
         accel.replay([entry], ImaEntry, "md5", bytes(16), None, None)
     with pytest.raises(ValueError, match="not supported"):
         accel.replay([entry], ImaEntry, "sha256", bytes(32), None, "md5")
 
 
 @needs_native
-def test_native_parser_checks_its_arguments() -> None:
+def test_parser_rejects_bad_arguments() -> None:
     assert accel is not None
     table = _D_NG_TABLE
 
@@ -274,7 +273,7 @@ def test_threaded_replay_of_bad_entry_returns_none() -> None:
 
 
 @needs_native
-def test_native_parser_reads_bytes_and_ascii_text_only() -> None:
+def test_parser_input_types() -> None:
     assert accel is not None
     table = _D_NG_TABLE
     line = ImaListBuilder().ima_ng(b"/bin/sh", b"x").ascii_line() + b"\n"
@@ -291,7 +290,7 @@ def test_native_parser_reads_bytes_and_ascii_text_only() -> None:
 
 
 @needs_native
-def test_parsed_entries_are_left_out_of_cycle_collection() -> None:
+def test_parsed_entries_untracked_by_gc() -> None:
     assert accel is not None
     builder = ImaListBuilder()
     for number in range(3):
@@ -300,7 +299,7 @@ def test_parsed_entries_are_left_out_of_cycle_collection() -> None:
 
     parsed = parse_ascii_list(builder.ascii_bytes())
 
-    # Entries hold only bytes, strings, integers and None, so neither they nor the tuple of
+    # Entries contain only bytes, strings, integers and None, so neither they nor the tuple of
     # them can be part of a reference cycle.
     assert not gc.is_tracked(parsed.entries)
     assert not any(gc.is_tracked(entry) for entry in parsed.entries[:3])

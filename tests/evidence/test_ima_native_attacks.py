@@ -1,21 +1,18 @@
-"""Inputs on which the native IMA fast paths (evidence/ima/_accel.c) differ from the Python code.
+"""Edge inputs on which the native IMA fast paths (evidence/ima/_accel.c) once differed from
+the Python code.
 
 Each test compares the public function as installed with the same call on the Python code
-alone, like tests/evidence/test_ima_native.py does, or shows a crash of the native code in a
-child interpreter. The tests are expected failures until the native code is fixed.
+alone, as tests/evidence/test_ima_native.py does, or runs the native code in a child
+interpreter that would crash on a use-after-free.
 """
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
-
-import pytest
 
 from evidence.ima import (
     ImaMeasurementList,
@@ -24,20 +21,10 @@ from evidence.ima import (
     replay_pcr10,
     verify_measurement_list,
 )
-from evidence.ima.native import accel
+from tests.evidence.test_ima_native import needs_native, python_only
 from tests.support.ima import ImaListBuilder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-needs_native = pytest.mark.skipif(accel is None, reason="the native extension is not built")
-
-
-@contextlib.contextmanager
-def python_only() -> Iterator[None]:
-    """Run the block on the Python code alone, as without the built extension."""
-    with mock.patch("evidence.ima.native.accel", None):
-        yield
 
 
 def outcome(call: Callable[[], object]) -> object:
@@ -49,6 +36,7 @@ def outcome(call: Callable[[], object]) -> object:
 
 
 def native_and_python(call: Callable[[], object]) -> tuple[object, object]:
+    """Return the outcome of ``call`` natively and in Python alone."""
     native = outcome(call)
     with python_only():
         python = outcome(call)
@@ -152,10 +140,9 @@ def test_verification_saved_value_of_wrong_size() -> None:
 
 # --- Runtime policy ---------------------------------------------------------------------------
 
-# Calls accel.unlisted_entries on a list that a digest container's __contains__ empties. The
-# native loop keeps the list's item array and entries as borrowed pointers, so it reads them
-# after they are freed. PYTHONMALLOC=debug overwrites freed memory, which turns the
-# use-after-free into a crash instead of a silent read.
+# Calls accel.unlisted_entries on a list that a digest container's __contains__ empties, so
+# the native loop must keep the entries alive itself. PYTHONMALLOC=debug overwrites freed
+# memory, which turns a read after free into a crash instead of a silent read.
 _MUTATED_LIST_SCRIPT = textwrap.dedent(
     """
     from evidence.ima import ImaEntry, parse_ascii_list
