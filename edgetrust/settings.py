@@ -256,11 +256,12 @@ class Settings:
         "after their last attempt, as a duration like attestation_retention. Pending deliveries "
         "are never deleted. 0 keeps every row.")
     retention_interval: float = _setting(
-        600.0, "Seconds between two prune passes of each poller; on PostgreSQL one poller "
+        600.0, "Seconds between two prune passes of each poller. On PostgreSQL only one poller "
         "prunes at a time. 0 turns pruning in the pollers off, leaving it to `edgetrust db "
         "prune`.")
     retention_batch_size: int = _setting(
-        5000, "Rows one prune transaction deletes at most, so that no pass holds long locks.")
+        5000, "Maximum number of rows that one prune transaction deletes, so that each "
+        "transaction holds its row locks only briefly.")
 
     # Admission webhook and rollout gate
     admission_timeout: float = _setting(

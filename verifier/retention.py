@@ -5,27 +5,27 @@ webhook deliveries that were delivered or failed before ``now - outbox_retention
 retention of zero keeps every row of that table. Whatever its age, a pass keeps:
 
 - each device's latest attestation (greatest ``finished_at``);
-- the attestation whose verdict is the device's current verdict, which is the latest one
-  unless pollers' clocks disagree;
+- the attestation that issued the device's current verdict, which is the latest one unless
+  the pollers' clocks disagree;
 - the attestation that last changed the device's verdict (the one its newest verdict row
   refers to), so the findings that made a device untrusted stay readable while it stays so;
 - every pending webhook delivery;
 - the deliveries of the expiry event of a device's current verdict, because the delivery
   worker queues that event again when no delivery with its event id exists.
 
-Later attestations read nothing from attestation rows: what the engine carries from one
-attestation to the next (clockInfo counters, boot session, IMA replay position and PCR 10
+Later attestations read nothing from attestation rows, because what the engine carries from
+one attestation to the next (clockInfo counters, boot session, IMA replay position and PCR 10
 values, keyrings) is stored in ``verifier_devices.state``. Verdict rows are never deleted,
 because the verdict stream uses their ids as its event sequence. When an attestation is
 deleted, the verdict rows that refer to it keep their reasons, and their ``attestation_id``
 becomes NULL.
 
-Each batch of at most ``batch_size`` rows is its own transaction, so a pass never holds locks
-for long and other writers get in between batches. On PostgreSQL a pass holds a session-level
-advisory lock, so that of several pollers one prunes at a time; the others skip the pass.
-SQLite admits one writer at a time anyway. Two passes that run together anyway (an
-``edgetrust db prune`` on SQLite beside a poller) are safe, because each batch re-selects its
-rows and a device's newest rows never qualify.
+Each batch of at most ``batch_size`` rows is its own transaction, so a pass holds row locks
+only for one batch and other writers get in between batches. On PostgreSQL a pass takes a
+session-level advisory lock, so only one of several pollers prunes at a time and the others
+skip their pass. SQLite has no advisory locks but allows one writer at a time. Two passes that
+run at the same time, such as ``edgetrust db prune`` on SQLite beside a poller, are safe
+because each batch selects its rows again and a device's newest rows never qualify.
 """
 
 from __future__ import annotations
@@ -75,23 +75,27 @@ _DELIVERIES: Final[Table] = WebhookDelivery.__table__  # type: ignore[assignment
 
 @dataclass(frozen=True)
 class RetentionOptions:
+    """Retention settings of a prune pass, checked when the options are built."""
+
     attestation_retention: timedelta = timedelta(days=7)
-    """Age after which attestations are deleted; zero keeps them all."""
+    """Age after which attestations are deleted, where zero keeps them all."""
     outbox_retention: timedelta = timedelta(days=3)
-    """Age after the last attempt at which finished deliveries are deleted; zero keeps them all."""
+    """Age after the last attempt at which finished deliveries are deleted, where zero keeps them all."""
     batch_size: int = 5000
+    """Maximum number of rows that one transaction deletes."""
     interval: float = 600.0
-    """Seconds between two passes of a poller; zero means the poller does not prune."""
+    """Seconds between two passes of a poller, where zero means the poller does not prune."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise SettingsError(
                 f"setting retention_batch_size is {self.batch_size}, expected an integer of at "
-                "least 1; 1000 to 10000 keeps each transaction short")
-        if not self.interval >= 0:
+                "least 1, such as the default 5000")
+        # threading.Event.wait raises OverflowError for a timeout above TIMEOUT_MAX.
+        if not 0 <= self.interval <= threading.TIMEOUT_MAX:
             raise SettingsError(
-                f"setting retention_interval is {self.interval}, expected seconds of at least 0; "
-                "0 turns pruning in the pollers off")
+                f"setting retention_interval is {self.interval}, expected seconds of at least 0 "
+                f"and at most {threading.TIMEOUT_MAX:.0f}; 0 turns pruning in the pollers off")
         for name, retention in (("attestation_retention", self.attestation_retention),
                                 ("outbox_retention", self.outbox_retention)):
             if retention < timedelta(0):
@@ -100,7 +104,7 @@ class RetentionOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetentionOptions:
-        """Build the options; raise SettingsError naming the setting whose value cannot work."""
+        """Build the options from ``settings``. Raise SettingsError naming an invalid setting."""
         return cls(
             attestation_retention=settings.attestation_retention,
             outbox_retention=settings.outbox_retention,
@@ -116,20 +120,20 @@ class PruneResult:
     attestations: int = 0
     webhook_deliveries: int = 0
     attestation_cutoff: datetime | None = None
-    """Attestations that finished before this were deleted; None when the retention is zero."""
+    """Time before which finished attestations are deleted, or None when the retention is zero."""
     outbox_cutoff: datetime | None = None
-    """Finished deliveries last attempted before this were deleted; None when the retention is zero."""
+    """Time before which finished deliveries are deleted, or None when the retention is zero."""
     batches: int = 0
     dry_run: bool = False
     locked_out: bool = False
-    """Another process held the advisory lock, so this pass deleted nothing."""
+    """Flag set when another session held the advisory lock, so this pass deleted nothing."""
     stopped: bool = False
-    """The stop event was set during the pass, so older rows may remain."""
+    """Flag set when the stop event ended the pass early, so older rows may remain."""
 
 
 def prune(engine: Engine, options: RetentionOptions, *, now: datetime, dry_run: bool = False,
           stop: threading.Event | None = None) -> PruneResult:
-    """Delete the rows older than the retention settings, in batches; see the module docstring.
+    """Delete rows older than the retention settings in batches, except those the module docstring keeps.
 
     With ``dry_run`` count them instead and delete nothing. ``stop`` ends the pass after the
     batch in progress. Database errors propagate.
@@ -164,9 +168,16 @@ def prune(engine: Engine, options: RetentionOptions, *, now: datetime, dry_run: 
 
 
 def _cutoff(now: datetime, retention: timedelta) -> datetime | None:
+    """Return ``now - retention``, or None for a retention of zero, which keeps every row."""
     if retention <= timedelta(0):
         return None
-    return now.astimezone(UTC) - retention
+
+    now = now.astimezone(UTC)
+    earliest = datetime.min.replace(tzinfo=UTC)
+    # A retention such as 1000000w reaches before year 1, where the subtraction would overflow.
+    if retention >= now - earliest:
+        return earliest
+    return now - retention
 
 
 # --- What may go ---------------------------------------------------------------------------------
@@ -222,7 +233,7 @@ class _Batches:
     def run(self, table: Table, candidate: Any, conditions: Sequence[ColumnElement[bool]], *,
             order_by: Sequence[Any]) -> int:
         """Delete the rows of ``table`` that meet ``conditions`` on its alias ``candidate``."""
-        # Oldest first, so that a stopped pass has removed the oldest rows.
+        # Delete the oldest rows first, so that a stopped pass has removed those.
         chosen = select(candidate.c.id).where(*conditions).order_by(*order_by).limit(self._batch_size)
         statement = delete(table).where(table.c.id.in_(chosen))
         deleted = 0
@@ -259,11 +270,12 @@ def _count(connection: Connection, result: PruneResult, attestations: Any, deliv
 
 
 def _try_lock(connection: Connection) -> bool:
-    """Take the advisory lock on PostgreSQL; return False if another session holds it."""
+    """Try to acquire the advisory lock on PostgreSQL, and return False if another session holds it."""
     if connection.dialect.name != "postgresql":
         return True
     with connection.begin():
-        # A session-level lock: it outlives the transaction, until unlocked or disconnected.
+        # A session-level lock outlives this transaction and lasts until it is unlocked or the
+        # session ends.
         return bool(connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}))
 
 
@@ -296,7 +308,7 @@ class Pruner:
         self._clock = clock
 
     def start(self, stop: threading.Event) -> threading.Thread:
-        """Start the thread, whose first pass runs at once; it ends when ``stop`` is set."""
+        """Start the pruning thread, which runs its first pass at once and ends when ``stop`` is set."""
         thread = threading.Thread(target=self.run, args=(stop,), name="retention", daemon=True)
         thread.start()
         return thread
@@ -307,25 +319,31 @@ class Pruner:
             stop.wait(self.options.interval)
 
     def run_pass(self, stop: threading.Event | None = None) -> PruneResult | None:
-        """Prune once and log the outcome in one line; return None after a database fault."""
+        """Prune once and log the outcome in one line. Return None if the pass failed."""
         started = time.monotonic()
         try:
             result = prune(self._engine, self.options, now=self._clock(), stop=stop)
-        except Exception:  # noqa: BLE001 - a database outage must not end the poller; the next pass retries
-            log.exception("prune pass failed; retrying in %.0f s", self.options.interval)
+        except Exception as exc:  # noqa: BLE001 - a database outage must not end the thread
+            # Keep the first line, because SQLAlchemy appends the SQL statement on further lines.
+            summary = str(exc).partition("\n")[0]
+            log.exception("prune pass failed, retrying in %.0f s: %s: %s", self.options.interval,
+                          type(exc).__name__, summary)
             return None
+
         if result.locked_out:
-            log.debug("prune pass skipped: another process holds the retention lock")
+            log.debug("prune pass skipped: another session has acquired the advisory lock %d",
+                      LOCK_KEY)
             return result
+
+        ending = "; stopped before the end" if result.stopped else ""
         log.info("prune pass deleted %d attestations (%s) and %d webhook deliveries (%s) in %d "
-                 "batches, %.1f s%s", result.attestations,
-                 _before("finished", result.attestation_cutoff), result.webhook_deliveries,
-                 _before("finished", result.outbox_cutoff), result.batches,
-                 time.monotonic() - started, "; stopped before the end" if result.stopped else "")
+                 "batches, %.1f s%s", result.attestations, _before(result.attestation_cutoff),
+                 result.webhook_deliveries, _before(result.outbox_cutoff), result.batches,
+                 time.monotonic() - started, ending)
         return result
 
 
-def _before(verb: str, cutoff: datetime | None) -> str:
+def _before(cutoff: datetime | None) -> str:
     if cutoff is None:
         return "retention 0, all kept"
-    return f"{verb} before {cutoff.isoformat()}"
+    return f"finished before {cutoff.isoformat()}"

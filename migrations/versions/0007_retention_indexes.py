@@ -29,9 +29,11 @@ _INDEXES = (
 
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
-        # CONCURRENTLY cannot run inside a transaction.
+        # CONCURRENTLY cannot run inside a transaction. A failed concurrent build leaves an
+        # invalid index behind (PostgreSQL, CREATE INDEX), so a second run drops it first.
         with op.get_context().autocommit_block():
             for name, table, columns in _INDEXES:
+                op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
                 op.create_index(name, table, columns, postgresql_concurrently=True)
         return
     for name, table, columns in _INDEXES:

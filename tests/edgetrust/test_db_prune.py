@@ -73,7 +73,7 @@ def test_prune_dry_run_deletes_nothing(database_url: str, populated: Engine) -> 
     assert len(delivery_ids(sessions)) == 2
 
 
-def test_prune_zero_retention_says_kept(database_url: str, populated: Engine) -> None:
+def test_prune_zero_retention_prints_kept(database_url: str, populated: Engine) -> None:
     result = run_prune(database_url, EDGETRUST_ATTESTATION_RETENTION="0",
                        EDGETRUST_OUTBOX_RETENTION="2d")
 

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -169,11 +169,29 @@ def test_prune_zero_retention_keeps_everything(sessions: sessionmaker[Session], 
     result = prune(engine, RetentionOptions(attestation_retention=timedelta(0),
                                             outbox_retention=timedelta(0)), now=NOW)
 
-    assert (result.attestations, result.webhook_deliveries, result.batches) == (0, 0, 0)
+    assert result.attestations == 0
+    assert result.webhook_deliveries == 0
+    assert result.batches == 0
     assert result.attestation_cutoff is None
     assert result.outbox_cutoff is None
     assert attestation_ids(sessions) == rows
     assert delivery_ids(sessions) == {delivery}
+
+
+def test_prune_retention_before_year_one(sessions: sessionmaker[Session], engine: Engine) -> None:
+    # 1000000w is a valid duration, but NOW minus it is before datetime.min.
+    add_device(sessions, "device-1")
+    rows = {add_attestation(sessions, "device-1", NOW - timedelta(days=days)) for days in (300, 200)}
+    longest = timedelta(weeks=1000000)
+
+    result = prune(engine, RetentionOptions(attestation_retention=longest, outbox_retention=longest),
+                   now=NOW)
+
+    assert result.attestations == 0
+    assert result.webhook_deliveries == 0
+    assert result.attestation_cutoff == datetime.min.replace(tzinfo=UTC)
+    assert result.outbox_cutoff == datetime.min.replace(tzinfo=UTC)
+    assert attestation_ids(sessions) == rows
 
 
 # --- Batches, dry runs, stopping and the lock ----------------------------------------------------
@@ -205,17 +223,22 @@ def test_prune_dry_run_deletes_nothing(sessions: sessionmaker[Session], engine: 
     webhook = add_webhook(sessions)
     add_delivery(sessions, webhook, "device-1", "failed", NOW - timedelta(days=3))
     add_delivery(sessions, webhook, "device-1", "pending", NOW - timedelta(days=3))
-    before = attestation_ids(sessions), delivery_ids(sessions)
+    attestations_before = attestation_ids(sessions)
+    deliveries_before = delivery_ids(sessions)
 
     counted = prune(engine, WEEK, now=NOW, dry_run=True)
 
     assert counted.dry_run
-    assert (counted.attestations, counted.webhook_deliveries, counted.batches) == (3, 1, 0)
-    assert (attestation_ids(sessions), delivery_ids(sessions)) == before
+    assert counted.attestations == 3
+    assert counted.webhook_deliveries == 1
+    assert counted.batches == 0
+    assert attestation_ids(sessions) == attestations_before
+    assert delivery_ids(sessions) == deliveries_before
 
     deleted = prune(engine, WEEK, now=NOW)
 
-    assert (deleted.attestations, deleted.webhook_deliveries) == (3, 1)
+    assert deleted.attestations == 3
+    assert deleted.webhook_deliveries == 1
 
 
 def test_prune_stops_after_current_batch(sessions: sessionmaker[Session], engine: Engine) -> None:
@@ -229,7 +252,8 @@ def test_prune_stops_after_current_batch(sessions: sessionmaker[Session], engine
     result = prune(engine, RetentionOptions(batch_size=3), now=NOW, stop=stop)
 
     assert result.stopped
-    assert (result.attestations, result.batches) == (3, 1)
+    assert result.attestations == 3
+    assert result.batches == 1
     assert len(attestation_ids(sessions)) == 5
 
 
@@ -274,6 +298,7 @@ def test_prune_releases_lock_after_pass(sessions: sessionmaker[Session], engine:
         ({"batch_size": 0}, "setting retention_batch_size is 0, expected an integer of at least 1"),
         ({"interval": -1.0}, "setting retention_interval is -1.0, expected seconds of at least 0"),
         ({"interval": float("nan")}, "setting retention_interval is nan"),
+        ({"interval": float("inf")}, "setting retention_interval is inf, .* at most 9223372036"),
         ({"attestation_retention": timedelta(seconds=-1)}, "setting attestation_retention is"),
     ],
 )
@@ -338,6 +363,7 @@ def test_pruner_logs_database_fault(tmp_path: Path, caplog: pytest.LogCaptureFix
 
     assert result is None
     assert "prune pass failed" in caplog.text
+    assert "OperationalError: (sqlite3.OperationalError) no such table" in caplog.text
 
 
 @pytest.fixture
@@ -381,7 +407,8 @@ def test_attestation_after_prune_continues_ima(
         device = session.scalars(select(VerifierDevice).where(VerifierDevice.device_id == "device-0")).one()
     assert newest is not None
     assert newest.status == "trusted"
-    assert newest.ima_start_index is not None and newest.ima_start_index > 0
+    assert newest.ima_start_index is not None
+    assert newest.ima_start_index > 0
     assert device.verdict_status == "trusted"
 
 
