@@ -279,7 +279,7 @@ def verify_quote(
 
 
 # QuoteResult is frozen, so its generated __init__ sets each field with object.__setattr__.
-# Writing the slots through their descriptors takes about half as long per quote.
+# Setting the slots through their descriptors saves about 0.2 µs per quote (timeit, CPython 3.11).
 _SET_FINDINGS: Final = vars(QuoteResult)["findings"].__set__
 _SET_ATTEST: Final = vars(QuoteResult)["attest"].__set__
 _SET_NEXT_COUNTERS: Final = vars(QuoteResult)["next_counters"].__set__
@@ -294,7 +294,11 @@ def _new_result(
     pcr_values: dict[TpmAlg, dict[int, bytes]],
     new_boot_session: bool,
 ) -> QuoteResult:
-    """Build a QuoteResult equal to QuoteResult(findings, attest, ...) with these values."""
+    """Build QuoteResult(findings, attest, ...) with these values, without its __init__.
+
+    A field added to QuoteResult must be set here too, or
+    test_quote_result_equals_constructed_result fails.
+    """
     result = object.__new__(QuoteResult)
     _SET_FINDINGS(result, findings)
     _SET_ATTEST(result, attest)
@@ -443,8 +447,8 @@ def _check_pcr_digest(
     for bank in attest.pcr_selection.banks:
         bank_values = pcr_values.get(bank.hash_alg, {})
         if tuple(bank_values) == bank.pcrs:
-            # The usual case, such as a parsed PCR file: exactly the quoted PCRs, in selection
-            # order. A copy equals the comprehension below and takes half the time.
+            # Usually the values are exactly the quoted PCRs in selection order, as from
+            # parse_pcr_file. Then a copy equals the comprehension below in half the time.
             selected = dict(bank_values)
         else:
             try:

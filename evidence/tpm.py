@@ -780,13 +780,12 @@ class Attest(NamedTuple):
     pcr_digest: bytes
 
 
-# Builds a named tuple from a tuple of all its fields without the generated __new__, which
-# takes its fields as Python arguments and costs about twice as long. The fast paths use it.
+# _new_tuple(Cls, fields) builds the named tuple Cls from a tuple of all its fields in half
+# the time of the generated __new__. It checks no field count, so only the fast paths use it.
 _new_tuple: Final = tuple.__new__
 
 _ATTEST_HEADER: Final = struct.Struct(">IH")
 _CLOCK_AND_FIRMWARE: Final = struct.Struct(">QIIBQ")
-_ATTEST_QUOTE: Final = StructureTag.ATTEST_QUOTE
 
 
 def parse_tpms_attest(data: bytes) -> Attest:
@@ -801,10 +800,11 @@ def parse_tpms_attest(data: bytes) -> Attest:
     return attest
 
 
-# A quote's TPMS_ATTEST from magic up to pcrDigest.size, when the quote selects one PCR
-# bank. The key packs the sizes of qualifiedSigner and extraData (each at most 66) and the
-# bank's sizeofSelect (at most 4), which bounds the dictionary to 67 * 67 * 5 entries.
+# Struct layouts of a single-bank quote's TPMS_ATTEST, from magic up to pcrDigest.size. The
+# key packs the sizes of qualifiedSigner and extraData (each at most 66) and the bank's
+# sizeofSelect (at most 4), which bounds the dictionary to 67 * 67 * 5 entries.
 _QUOTE_LAYOUTS: Final[dict[int, struct.Struct]] = {}
+_ATTEST_QUOTE: Final = StructureTag.ATTEST_QUOTE
 _ATTEST_QUOTE_TAG: Final = StructureTag.ATTEST_QUOTE.to_bytes(2, "big")
 # Offset of sizeofSelect after qualifiedSigner and extraData: magic, type, two sizes,
 # clockInfo, firmwareVersion, pcrSelections.count and .hash take 41 bytes.
@@ -818,12 +818,12 @@ def _add_quote_layout(key: int, signer_size: int, extra_size: int, size_of_selec
 
 
 def _parse_single_bank_quote(data: bytes) -> Attest | None:
-    """Parse a valid quote over one PCR bank with one struct call, or return None.
+    """Parse a valid quote over one PCR bank with one struct unpack, or return None.
 
-    This is the shape devices send. The function returns None, and raises nothing, for any
-    input that ``_parse_tpms_attest_fields`` would reject or that selects several banks. It
-    accepts an input only after every check of that parser passed, so both return equal
-    results for it.
+    The verifier requests one bank (``verifier/engine.py``), so this is the usual shape. The
+    function returns None, and raises nothing, for any input that ``_parse_tpms_attest_fields``
+    would reject or that selects several banks. It accepts an input only after every check of
+    that parser passed, so both return equal results for it.
     """
     size = len(data)
     if size < 10 or data[4:6] != _ATTEST_QUOTE_TAG:
@@ -839,9 +839,9 @@ def _parse_single_bank_quote(data: bytes) -> Attest | None:
     if size_of_select > _MAX_SIZE_OF_SELECT:
         return None
     key = signer_size << 16 | extra_size << 8 | size_of_select
-    layout = _QUOTE_LAYOUTS.get(key) or _add_quote_layout(
-        key, signer_size, extra_size, size_of_select
-    )
+    layout = _QUOTE_LAYOUTS.get(key)
+    if layout is None:
+        layout = _add_quote_layout(key, signer_size, extra_size, size_of_select)
     if layout.size > size:
         return None
     (
@@ -1064,14 +1064,13 @@ def parse_pcr_file(data: bytes) -> PcrFile:
 
 
 class _FileSelection(NamedTuple):
-    """The selection part of a PCR file, and how its values are laid out after it.
+    """Selection part of a PCR file, and the layout of the values after it.
 
-    ``slots`` has (bank, PCR index, digest size) per value in selection order.
-    ``packed_counts`` and ``packed_values`` describe the layout that tpm2-tools and
-    ``marshal_pcr_file`` write: full lists of 8 values, then one list with the rest.
-    ``packed_counts`` unpacks the list count, each list's count and each value's size, and
-    ``packed_expected`` is what it returns for a valid file. ``packed_values`` unpacks the
-    values.
+    ``slots`` contains (bank, PCR index, digest size) per value in selection order. The packed
+    layout is full lists of 8 values, then one list with the rest, as ``marshal_pcr_file`` and
+    tpm2_quote 5.4 on swtpm 0.7.1 write it. ``packed_counts`` unpacks the list count, each
+    list's count and each value's size, and ``packed_expected`` is what it returns for a valid
+    file. ``packed_values`` unpacks the values.
     """
 
     selection: PcrSelection
@@ -1099,8 +1098,8 @@ def _read_packed_values(
     start = 0
     for bank in file_selection.selection.banks:
         end = start + len(bank.pcrs)
-        # zip(strict=True) would cost more than the rest of the loop, and the layout has
-        # exactly one digest per PCR of the selection.
+        # The packed layout has exactly one digest per selected PCR, so the strict check,
+        # about 0.2 µs per bank, is left out.
         values[bank.hash_alg] = dict(zip(bank.pcrs, digests[start:end]))  # noqa: B905
         start = end
     return values

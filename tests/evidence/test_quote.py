@@ -287,21 +287,22 @@ def test_quote_accepts_values_in_any_order(quoting: QuotingDevice) -> None:
         bank: dict(reversed(list(bank_values.items())))
         for bank, bank_values in quote.values.items()
     }
-    extended = {
-        bank: {**bank_values, 23: bytes(len(bank_values[16 if bank == TpmAlg.SHA1 else 0]))}
-        for bank, bank_values in quote.values.items()
-    }
+    extended: dict[TpmAlg, dict[int, bytes]] = {}
+    for bank, bank_values in quote.values.items():
+        digest_size = len(next(iter(bank_values.values())))
+        extended[bank] = {**bank_values, 23: bytes(digest_size)}
     exact = verify(quoting.ak("rsassa-sha256"), quote)
 
+    assert exact.findings == ()
     for values in (reordered, extended):
         result = verify(quoting.ak("rsassa-sha256"), quote, pcr_values=values)
-        assert result.findings == exact.findings == ()
+        assert result.findings == exact.findings
         assert result.pcr_values == quote.values
         for bank in quote.selection.banks:
             assert tuple(result.pcr_values[bank.hash_alg]) == bank.pcrs
 
 
-def test_quote_shifted_values_any_order(quoting: QuotingDevice) -> None:
+def test_quote_rejects_shifted_values_any_order(quoting: QuotingDevice) -> None:
     quote = quoting.quote("ecdsa-sha256", "sha256:0,10")
     first, second = quote.values[TpmAlg.SHA256][0], quote.values[TpmAlg.SHA256][10]
     in_order = {TpmAlg.SHA256: {0: first + second[:1], 10: second[1:]}}
@@ -328,7 +329,7 @@ def test_quote_result_equals_constructed_result(quoting: QuotingDevice) -> None:
         pcr_values=quote.values, new_boot_session=False,
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
-        result.findings = ()  # type: ignore[misc]
+        result.findings = ()  # type: ignore[misc]  # assigning to a frozen field is the test
 
 
 # --- missing or empty PCR bank -----------------------------------------------------------

@@ -769,7 +769,7 @@ ATTEST_FIELDS = ["type", "qualifiedSigner", "extraData", "safe", "count", "hash"
 
 @st.composite
 def quote_attests(draw: st.DrawFn) -> bytes:
-    """A quote TPMS_ATTEST with random values, often with one field just out of range."""
+    """A quote TPMS_ATTEST with random values, usually with one field just out of range."""
     broken = draw(st.sampled_from([None, None, *ATTEST_FIELDS]))
     banks = draw(st.lists(
         st.sampled_from([TpmAlg.SHA1, TpmAlg.SHA256, TpmAlg.SHA384, TpmAlg.SHA512]),
@@ -777,8 +777,11 @@ def quote_attests(draw: st.DrawFn) -> bytes:
     ))
     if broken == "hash":
         banks[-1] = draw(st.sampled_from([TpmAlg.SM3_256, 0x9999]))
-    sizes = [draw(st.integers(5 if broken == "sizeofSelect" else 0, 4 if broken is None else 5))
-             for _ in banks]
+
+    # sizeofSelect 5 exceeds the maximum, so only inputs with a broken field may draw it.
+    min_select = 5 if broken == "sizeofSelect" else 0
+    max_select = 4 if broken is None else 5
+    sizes = [draw(st.integers(min_select, max_select)) for _ in banks]
     selection = b"".join(
         struct.pack(">HB", bank, size) + draw(st.binary(min_size=size, max_size=size))
         for bank, size in zip(banks, sizes, strict=True)
@@ -789,20 +792,26 @@ def quote_attests(draw: st.DrawFn) -> bytes:
             return tpm2b(draw(st.binary(min_size=maximum + 1, max_size=maximum + 2)))
         return tpm2b(draw(st.binary(max_size=maximum)))
 
+    attest_type = 0x8017 if broken == "type" else StructureTag.ATTEST_QUOTE
+    if broken == "safe":
+        safe = draw(st.sampled_from([2, 255]))
+    else:
+        safe = draw(st.integers(0, 1))
+    count = len(banks)
+    if broken == "count":
+        count += draw(st.sampled_from([-1, 1, 16]))
+
     return (
         struct.pack(">I", draw(st.sampled_from([TPM_GENERATED_VALUE, 0])))
-        + struct.pack(">H", 0x8017 if broken == "type" else StructureTag.ATTEST_QUOTE)
+        + struct.pack(">H", attest_type)
         + sized("qualifiedSigner", 66)
         + sized("extraData", 66)
         + struct.pack(
             ">QIIBQ",
             draw(st.integers(0, 2**64 - 1)), draw(st.integers(0, 2**32 - 1)),
-            draw(st.integers(0, 2**32 - 1)),
-            draw(st.sampled_from([2, 255])) if broken == "safe" else draw(st.integers(0, 1)),
-            draw(st.integers(0, 2**64 - 1)),
+            draw(st.integers(0, 2**32 - 1)), safe, draw(st.integers(0, 2**64 - 1)),
         )
-        + struct.pack(">I", len(banks) + (draw(st.sampled_from([-1, 1, 16])) if broken == "count"
-                                          else 0))
+        + struct.pack(">I", count)
         + selection
         + sized("pcrDigest", 64)
     )
@@ -810,6 +819,7 @@ def quote_attests(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def rsa_signatures(draw: st.DrawFn) -> bytes:
+    """A TPMT_SIGNATURE in the RSA layout, with schemes, hashes and sizes at and past the limits."""
     sig_alg = draw(st.sampled_from([TpmAlg.RSASSA, TpmAlg.RSAPSS, TpmAlg.ECDSA]))
     hash_alg = draw(st.sampled_from([TpmAlg.SHA1, TpmAlg.SHA256, TpmAlg.SHA512, TpmAlg.SM3_256]))
     size = draw(st.sampled_from([0, 1, 256, 512, 513]))
@@ -871,7 +881,7 @@ def test_signature_fast_path_matches_field_parser(data: st.DataObject) -> None:
 def write_pcr_file(
     selection: PcrSelection, values: dict[TpmAlg, dict[int, bytes]], list_sizes: list[int]
 ) -> bytes:
-    """Write a PCR file whose digest lists hold ``list_sizes`` values each (at most 8)."""
+    """Write a PCR file whose digest lists contain ``list_sizes`` values each (at most 8)."""
     header = marshal_pcr_file(selection, values)[: evidence_tpm._FILE_SELECTION.size]
     ordered = [values[bank.hash_alg][index] for bank in selection.banks for index in bank.pcrs]
     parts = [header, struct.pack("<I", len(list_sizes))]
