@@ -121,7 +121,7 @@ def parse_envelope(unverified_envelope: bytes | str | Mapping[str, Any]) -> Enve
             )
     if _has_lone_surrogate(document["payloadType"]):
         raise PolicyError(
-            "DSSE payloadType is not valid Unicode text (it contains a lone surrogate)",
+            "DSSE payloadType is invalid: it contains a lone surrogate, which has no UTF-8 form",
             code=DSSE_ENVELOPE_INVALID,
             field="payloadType",
         )

@@ -41,6 +41,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Final
 
@@ -67,10 +68,11 @@ from verifier.policy_store import PolicyStoreError, SignedPolicy
 log = logging.getLogger(__name__)
 
 _EXTENSION_KEY: Final = "policies"
+SIGNING_KEY_NOT_TRUSTED: Final = "policy-signing-key-not-trusted"
 # Upload errors that may mean an attempt to set a policy without a trusted signature. The
 # upload routes log them at WARNING.
 _SIGNATURE_REJECTIONS: Final = frozenset(
-    {DSSE_SIGNATURE_INVALID, POLICY_NOT_SIGNED, "policy-signing-key-not-trusted"}
+    {DSSE_SIGNATURE_INVALID, POLICY_NOT_SIGNED, SIGNING_KEY_NOT_TRUSTED}
 )
 
 blueprint = Blueprint("policies", __name__)
@@ -85,12 +87,10 @@ class PolicyApi:
     require_signature: bool = False
     """Whether unsigned uploads are rejected. The settings allow it only with ``trusted_keys``."""
 
-    def trusted_key(self, expected_key_id: str) -> bytes | None:
-        """Return the trusted PEM key whose DSSE key id is ``expected_key_id``, or None."""
-        for pem in self.trusted_keys:
-            if key_id(load_public_key(pem)) == expected_key_id:
-                return pem
-        return None
+    @cached_property
+    def trusted_key_ids(self) -> dict[str, bytes]:
+        """Each trusted PEM key by its DSSE key id, computed once instead of on every upload."""
+        return {key_id(load_public_key(pem)): pem for pem in self.trusted_keys}
 
 
 def install(app: Flask, app_services: AppServices) -> tuple[type[Exception], ...]:
@@ -114,14 +114,15 @@ def policy_api_from_settings(settings: Settings) -> PolicyApi:
         raise SettingsError("setting policy_require_signature is true but policy_signing_keys "
                             "is empty; list the PEM public keys that may sign policies")
 
+    api = PolicyApi(trusted_keys=keys, require_signature=settings.policy_require_signature)
     if keys:
         log.info("policy uploads are verified with %d trusted key(s): %s", len(keys),
-                 ", ".join(key_id(load_public_key(pem)) for pem in keys))
+                 ", ".join(api.trusted_key_ids))
     else:
         log.warning("setting policy_signing_keys is empty: a signed policy upload is verified "
                     "with the public key sent in the same request, which shows that the policy "
                     "is intact but not who signed it")
-    return PolicyApi(trusted_keys=keys, require_signature=settings.policy_require_signature)
+    return api
 
 
 def load_trusted_key(path: Path) -> bytes:
@@ -171,9 +172,10 @@ class Upload:
 def parse_upload(unverified_body: Mapping[str, Any], api: PolicyApi) -> Upload:
     """Check an upload's fields and verify its DSSE envelope if it has one.
 
-    Raises RequestError for a malformed request or a ``public_key`` that is not trusted,
-    PolicyStoreError for an unknown kind, and PolicyError for an unsigned policy that ``api``
-    requires to be signed or an envelope that does not verify (field prefixed ``envelope``).
+    Raises RequestError for a malformed request or a ``public_key`` that is not trusted, and
+    PolicyStoreError for an unknown kind. Raises PolicyError for an invalid ``public_key``, an
+    unsigned policy that ``api`` requires to be signed, or an envelope that does not verify
+    (field prefixed ``envelope``).
     """
     kind = policy_store.check_kind(require_str(unverified_body, "kind"))
     has_policy = "policy" in unverified_body
@@ -215,7 +217,11 @@ def parse_upload(unverified_body: Mapping[str, Any], api: PolicyApi) -> Upload:
 
 
 def _verification_keys(unverified_body: Mapping[str, Any], api: PolicyApi) -> tuple[bytes, ...]:
-    """Return the PEM keys to verify an envelope with: the trusted keys, or the request's."""
+    """Return the PEM keys to verify an envelope with.
+
+    That is the request's ``public_key`` if it is given (and trusted, when the server has
+    trusted keys), else every trusted key.
+    """
     unverified_pem = require_str(unverified_body, "public_key", optional=True)
     if unverified_pem is None:
         if api.trusted_keys:
@@ -233,11 +239,12 @@ def _verification_keys(unverified_body: Mapping[str, Any], api: PolicyApi) -> tu
     if not api.trusted_keys:
         return (_spki_pem(public_key),)
 
-    trusted = api.trusted_key(key_id(public_key))
+    request_key_id = key_id(public_key)
+    trusted = api.trusted_key_ids.get(request_key_id)
     if trusted is None:
         raise RequestError(
-            "policy-signing-key-not-trusted",
-            f"public key {key_id(public_key)} is not one of the {len(api.trusted_keys)} keys "
+            SIGNING_KEY_NOT_TRUSTED,
+            f"public key {request_key_id} is not one of the {len(api.trusted_keys)} keys "
             "of the server's setting policy_signing_keys; sign the policy with one of them, or "
             "leave out 'public_key' to verify with all of them", field="public_key",
         )

@@ -71,8 +71,8 @@ HASH_ALGORITHM_BY_ID = {
     22: "sha3-512",
 }
 
-# The algorithms that ``cryptography`` can verify signatures over. MD5 is left out on purpose,
-# because a signature over an MD5 digest proves nothing.
+# The hash algorithms whose signatures are verified here. MD5 is left out on purpose, because
+# a signature over an MD5 digest proves nothing.
 _CRYPTOGRAPHY_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
     "sha224": hashes.SHA224,
@@ -171,8 +171,9 @@ def verify_ima_signature(
     given, is the id the key is known by. The steps follow the kernel's ``asymmetric_verify``:
 
     1. The signature's hash algorithm must be the algorithm of the logged file digest
-       (``ima-signature-algorithm-mismatch``), one that can be verified
-       (``ima-signature-algorithm-unsupported``), and the digest must have its size.
+       (``ima-signature-algorithm-mismatch``) and one that can be verified
+       (``ima-signature-algorithm-unsupported``). The digest must have that algorithm's
+       size (``ima-signature-invalid``).
     2. The key id in the header must be ``key_id`` (``ima-signature-key-mismatch``), because
        the kernel only verifies with the key that the header names.
     3. The key must be RSA or EC (``ima-signature-key-unsupported``).
@@ -215,7 +216,7 @@ def verify_ima_signature(
             key.verify(signature.signature, digest, ec.ECDSA(prehashed))
     except InvalidSignature:
         raise VerificationError(
-            f"IMA signature does not verify with key {(key_id or signature.key_id).hex()}",
+            f"IMA signature does not verify with key {signature.key_id.hex()}",
             code="ima-signature-invalid",
         ) from None
 

@@ -107,7 +107,9 @@ def test_certificate_without_subject_key_identifier_uses_computed_id() -> None:
     certificate = certificate_der(private, with_skid=False)
 
     assert load_verification_key(certificate).key_id == key_id_v2(private.public_key())
-    assert try_load_buffer_key(certificate).key_id == key_id_v2(private.public_key())  # type: ignore[union-attr]
+    buffer_key = try_load_buffer_key(certificate)
+    assert buffer_key is not None
+    assert buffer_key.key_id == key_id_v2(private.public_key())
 
 
 def test_short_skid_uses_computed_id() -> None:

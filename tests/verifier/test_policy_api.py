@@ -510,7 +510,7 @@ def test_require_signature_needs_keys(migrated_engine: Engine, tmp_path: Path) -
 
 
 UNUSABLE_KEY_FILES = [
-    # (file content, or None for a missing file; expected message)
+    # (file content or None for a missing file, expected message)
     (None, "cannot read the policy signing key"),
     ("", "cannot be used: public key is not a PEM public key"),
     ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", "cannot be used"),

@@ -326,9 +326,7 @@ def test_signing_key_rejects_other_curve(engine: Engine, tmp_path: Path) -> None
         make_trust_env(engine, tmp_path, jws_signing_key=key_file)
 
 
-def test_serve_reports_an_unusable_signing_key_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_serve_reports_unusable_signing_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
     from edgetrust.cli import main
