@@ -107,7 +107,7 @@ def parse_envelope(unverified_envelope: bytes | str | Mapping[str, Any]) -> Enve
     else:
         try:
             document = json.loads(unverified_envelope)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise PolicyError(f"DSSE envelope is not valid JSON: {exc}", code=DSSE_ENVELOPE_INVALID) from None
     if not isinstance(document, Mapping):
         raise PolicyError("DSSE envelope must be a JSON object", code=DSSE_ENVELOPE_INVALID)

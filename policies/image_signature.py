@@ -160,7 +160,7 @@ def _decode(unverified_document: bytes | str | Mapping[str, Any]) -> Mapping[str
         return unverified_document
     try:
         document = json.loads(unverified_document)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise PolicyError(f"image-signature policy is not valid JSON: {error}",
                           code=POLICY_NOT_JSON) from None
     if not isinstance(document, dict):

@@ -82,7 +82,7 @@ def parse_json_object(unverified_document: bytes | str, *, what: str = "runtime 
     """Parse JSON text that must hold an object."""
     try:
         value = json.loads(unverified_document)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise PolicyError(f"{what} is not valid JSON: {exc}", code=POLICY_NOT_JSON) from None
     if not isinstance(value, dict):
         raise PolicyError(f"{what} must be a JSON object, got {_json_type(value)}", code=POLICY_NOT_JSON)
@@ -311,7 +311,7 @@ def parse_verification_keys(unverified_text: str) -> tuple[VerificationKey, ...]
         value = json.loads(unverified_text)
         if isinstance(value, str):
             value = json.loads(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise PolicyError(
             f"verification keys are not valid JSON text: {exc}",
             code=POLICY_VERIFICATION_KEYS_INVALID,

@@ -99,7 +99,7 @@ def _convert_flat_allowlist(unverified_text: str) -> dict[str, Any]:
 def _convert_json_allowlist(unverified_text: str) -> dict[str, Any]:
     try:
         allowlist = json.loads(unverified_text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise PolicyError(f"allowlist is not valid JSON: {exc}", code=ALLOWLIST_INVALID) from None
     if not isinstance(allowlist, dict):
         raise PolicyError("JSON allowlist must be an object", code=ALLOWLIST_INVALID)

@@ -132,6 +132,7 @@ def test_invalid_field_is_named(change: dict[str, Any], field: str, code: str) -
 def test_not_json_is_rejected() -> None:
     assert rejected(b"{not json").code == "policy-not-json"
     assert rejected(b"[1, 2]").code == "policy-not-json"
+    assert rejected(b"[" * 100_000 + b"]" * 100_000).code == "policy-not-json"
 
 
 def test_unknown_keys_are_ignored() -> None:

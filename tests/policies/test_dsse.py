@@ -180,3 +180,10 @@ def test_not_a_pem_key_is_rejected() -> None:
         dsse.sign_envelope(b"{}", b"-----BEGIN NOTHING-----")
 
     assert caught.value.code == "signing-key-invalid"
+
+
+def test_deeply_nested_envelope_is_rejected() -> None:
+    with pytest.raises(PolicyError) as raised:
+        dsse.parse_envelope(b"[" * 100_000 + b"]" * 100_000)
+
+    assert raised.value.code == "dsse-envelope-invalid"

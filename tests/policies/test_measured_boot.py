@@ -166,9 +166,10 @@ def test_load_without_secureboot_needs_vmlinuz(secureboot_policy: dict[str, Any]
     assert raised.value.field == "kernels[0].vmlinuz_plain_sha256"
 
 
-def test_load_rejects_non_json() -> None:
+@pytest.mark.parametrize("text", [b"{not json", b"[" * 100_000 + b"]" * 100_000])
+def test_load_rejects_non_json(text: bytes) -> None:
     with pytest.raises(PolicyError) as raised:
-        parse_measured_boot_policy(b"{not json")
+        parse_measured_boot_policy(text)
 
     assert raised.value.code == "policy-not-json"
 

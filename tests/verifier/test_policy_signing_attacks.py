@@ -6,6 +6,7 @@ policy_signing_keys and policy_require_signature set.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ from sqlalchemy import Engine
 
 from tests.verifier.test_policy_api import (
     OTHER_KEY,
+    SIGNING_KEY,
     Api,
     error_of,
     make_app,
+    private_pem,
     runtime_policy,
     serving_api,
+    sign_envelope,
     signed_upload,
     write_public_key,
 )
@@ -88,3 +92,16 @@ def test_foreign_signature_rejected(signed_only: Api) -> None:
     assert response.status_code == 403
     assert error_of(response)["code"] == "dsse-signature-invalid"
     assert error_of(response)["field"] == "envelope.signatures"
+
+
+def test_deeply_nested_signed_payload_rejected(signed_only: Api) -> None:
+    # A trusted signer, so the payload passes the signature check and reaches the JSON decoder.
+    depth = 100_000
+    upload = {"kind": "runtime", "envelope": json.loads(sign_envelope(
+        ("[" * depth + "]" * depth).encode(), private_pem(SIGNING_KEY)))}
+
+    response = signed_only.post("nested-payload", upload)
+
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "policy-not-json"
+    assert signed_only.count(Policy) == 0
